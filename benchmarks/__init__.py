@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy (mIoU), robustness under attack, latency."""

@@ -1,0 +1,97 @@
+"""Segmentation accuracy: per-class IoU and mIoU (void ignored) of a registered model on a CamVid split.
+
+    python -m benchmarks.accuracy --model ddrnet23_slim --split val --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.metrics import ConfusionMatrix
+from realtime.data import CLASSES, IGNORE_INDEX, CamVid, DataNotFoundError
+from realtime.data.augment import resize_batch
+from realtime.devices import autocast, describe, pick_device
+from realtime.models import build_model, fingerprint, list_models
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 8,
+             size: Optional[Tuple[int, int]] = None, amp: bool = False, progress: bool = False) -> Dict:
+    """mIoU of ``model`` on uint8 ``images`` (N,3,H,W) / ``labels`` (N,H,W) at ``size`` (default: native).
+
+    Predictions are made at ``size`` and scored against labels resized (nearest) to that size.
+    """
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    size = size or tuple(images.shape[-2:])
+    cm = ConfusionMatrix(len(CLASSES), IGNORE_INDEX, dev)
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        x, y = resize_batch(images[s:s + batch_size].to(dev), labels[s:s + batch_size].to(dev), size)
+        with autocast(dev, amp):
+            logits = model(x)
+        cm.update(logits.argmax(1), y)
+    model.train(was_training)
+    out = cm.summary(CLASSES)
+    out["frames"] = len(images)
+    out["size"] = list(size)
+    return out
+
+
+def format_table(result: Dict) -> str:
+    lines = [f"{'class':<12} IoU"]
+    lines += [f"{k:<12} {v:.4f}" for k, v in result["per_class_iou"].items()]
+    lines.append(f"{'mIoU':<12} {result['miou']:.4f}   (pixel acc {result['pixel_accuracy']:.4f}, "
+                 f"{result['frames']} frames at {result['size'][0]}x{result['size'][1]})")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--weights", default="default", help="checkpoint path, or 'default' for the shipped weights")
+    p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
+    p.add_argument("--split", default="val", help="any split folder present in the data directory")
+    p.add_argument("--size", default=None, help="evaluate at HxW (default: the frames' own size)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="only the first N frames")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--json", default=None, help="write the result here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        ds = CamVid(args.data, args.split)
+        dev = pick_device(args.device)
+        model = build_model(args.model, weights=args.weights, device=dev)
+    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    idx = range(min(len(ds), args.limit)) if args.limit else None
+    images, labels = ds.to_tensors(idx, progress=True)
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    t0 = time.time()
+    res = evaluate(model, images, labels, args.batch_size, size, args.amp, progress=True)
+    res.update(model=args.model, weights=str(args.weights), split=args.split, data=str(ds.root),
+               fingerprint=fingerprint(model), seconds=round(time.time() - t0, 2), env=describe(dev))
+    print(format_table(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Installs the five packages of the real-time patch defense: realtime, kernels, engines, calibration, benchmarks.
+
+CPU installs use requirements/cpu.txt (exact torch pin: see README). GPU-only extras are optional and
+imported lazily, never required on a CPU machine.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="zmask-realtime",
+    version="0.1.0",
+    description="Real-time defense against physical adversarial patches (Z-Mask) for camera perception",
+    python_requires=">=3.10",
+    packages=find_packages(include=["realtime", "realtime.*", "kernels", "kernels.*", "engines", "engines.*",
+                                    "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
+    package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu"],
+                  "calibration": ["shipped/*"]},
+    install_requires=[
+        # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
+        # install requirements/cpu.txt first (torch==2.13.0 CPU wheel), which satisfies this.
+        "torch>=2.4", "torchvision>=0.19", "numpy>=1.26", "pillow>=10", "opencv-python-headless>=4.10",
+        "av>=12", "tqdm>=4.66", "matplotlib>=3.8", "safetensors>=0.4", "scikit-learn>=1.4",
+    ],
+    extras_require={
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "gpu": ["cupy-cuda12x"],
+        "tensorrt": ["tensorrt", "torch-tensorrt"],
+        "pycuda": ["pycuda"],
+        "test": ["pytest>=8"],
+    },
+)
