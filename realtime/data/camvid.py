@@ -22,7 +22,7 @@ PALETTE = np.array([[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128
                     [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0],
                     [0, 128, 192], [0, 0, 0]], dtype=np.uint8)
 
-_NAME_RE = re.compile(r"^(?P<seq>[^_]+)_(?P<frame>\d+)$")
+_NAME_RE = re.compile(r"^(?P<seq>.+?)_f?(?P<frame>\d+)$")  # 0016E5_07959, 0006R0_f00930
 
 
 @dataclass(frozen=True)
