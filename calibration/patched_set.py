@@ -1,0 +1,66 @@
+"""Patched calibration frames with ground-truth masks, from patches of several strengths.
+
+Sources: uniform-noise patches at the S/M/L sizes (weak over-activation), crafted patches loaded from
+the attack library (strong), and each crafted patch also at half contrast around mid-grey (medium).
+Every frame gets one source (round robin), a random placement inside the frame and, optionally, the
+physical-capture simulation. Seeded: the same call gives the same set.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from realtime.attacks import CaptureConfig, Placement, apply_patch, load_patch_png, patch_size_for, random_patch
+
+
+@dataclass
+class PatchSource:
+    name: str            # e.g. 'random-L', 'crafted-L', 'crafted-L@0.5'
+    kind: str            # 'random' | 'crafted'
+    patch: torch.Tensor  # (3,h,w) in [0,1]
+
+
+def library_patches(directory: Path, model_name: str, fingerprint: str) -> List[Tuple[str, torch.Tensor]]:
+    """Crafted patches in ``directory`` whose JSON sidecar names this model's fingerprint."""
+    found = []
+    for png in sorted(Path(directory).glob("*.png")):
+        side = png.with_suffix(".json")
+        if not side.is_file():
+            continue
+        meta = json.loads(side.read_text())
+        if meta.get("fingerprint") == fingerprint and not meta.get("random", False):
+            patch, _ = load_patch_png(png)
+            found.append((png.stem, patch))
+    return found
+
+
+def make_sources(input_hw: Tuple[int, int], crafted: Sequence[Tuple[str, torch.Tensor]], seed: int = 0,
+                 half_contrast: bool = True) -> List[PatchSource]:
+    g = torch.Generator().manual_seed(seed)
+    sources = [PatchSource(f"random-{s}", "random", random_patch(patch_size_for(s, input_hw), g)) for s in "SML"]
+    for name, p in crafted:
+        sources.append(PatchSource(name, "crafted", p))
+        if half_contrast:
+            sources.append(PatchSource(f"{name}@0.5", "crafted", 0.5 + 0.5 * (p - 0.5)))
+    return sources
+
+
+@torch.no_grad()
+def patch_frames(images_u8: torch.Tensor, sources: Sequence[PatchSource], seed: int = 0,
+                 capture: Optional[CaptureConfig] = None, batch_size: int = 16
+                 ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """One patched twin per frame: ``(float frames (N,3,H,W), masks (N,1,H,W), source names)``."""
+    g = torch.Generator().manual_seed(seed)
+    out, masks, names = [], [], []
+    for i in range(len(images_u8)):
+        src = sources[i % len(sources)]
+        x = images_u8[i:i + 1].float() / 255
+        px, m = apply_patch(x, src.patch, Placement(mode="random"), capture, generator=g)
+        out.append(px)
+        masks.append(m)
+        names.append(src.name)
+    return torch.cat(out), torch.cat(masks), names

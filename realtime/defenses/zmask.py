@@ -1,0 +1,243 @@
+"""Z-Mask (Rossolini et al., AAAI 2023): over-activation analysis, detection and masking of adversarial patches.
+
+One forward pass gives the output and every hooked map; the maps become per-layer SPR heatmaps,
+aggregated into H_S (shallow) and H_D (deep); the fusion block turns them into a soft mask and a
+score d. Frames with d > lambda0 are flagged; their masked pixels are filled with the model's mean
+colour (the same as zeroing in normalised space) and only those frames go through a second pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .fusion import FusionBlock
+from .spr import SPRConfig, aggregate, cascade, pooled_map, resize, to_work, zscore
+from .taps import ActivationTaps, EngineTaps
+
+Taps = Union[ActivationTaps, EngineTaps]
+
+
+@dataclass
+class ChannelStats:
+    """Clean-data per-channel mean/std of each hooked layer at the working size, each (C,)."""
+    mu: Dict[str, torch.Tensor]
+    sigma: Dict[str, torch.Tensor]
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None
+           ) -> "ChannelStats":
+        """A copy on ``device`` (and ``dtype``)."""
+        return ChannelStats({k: v.to(device=device, dtype=dtype) for k, v in self.mu.items()},
+                            {k: v.to(device=device, dtype=dtype) for k, v in self.sigma.items()})
+
+    def layers(self) -> List[str]:
+        return list(self.mu)
+
+
+@dataclass(frozen=True)
+class ZMaskConfig:
+    """Hooked layers (module names), SPR settings, detection threshold on d, and soft-mask threshold.
+
+    ``check_finite`` rejects NaN/inf inputs (one device sync per call)."""
+    shallow: Tuple[str, ...]
+    deep: Tuple[str, ...]
+    spr: SPRConfig
+    lambda0: float = 0.0
+    mask_threshold: float = 0.5
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shallow, str) or isinstance(self.deep, str):
+            raise TypeError("shallow/deep must be sequences of layer names")
+        if not self.shallow or not self.deep:
+            raise ValueError("Z-Mask needs at least one shallow and one deep layer")
+        object.__setattr__(self, "shallow", tuple(self.shallow))
+        object.__setattr__(self, "deep", tuple(self.deep))
+
+    @property
+    def layers(self) -> Tuple[str, ...]:
+        """Union of shallow and deep layers, first-seen order."""
+        return tuple(dict.fromkeys((*self.shallow, *self.deep)))
+
+
+@dataclass
+class ZMaskResult:
+    """Everything one Z-Mask call computed. Masks: 1 = keep the pixel, 0 = masked."""
+    output: Any                      # first-pass model output
+    h_s: torch.Tensor                # (N,1,HR,WR)
+    h_d: torch.Tensor                # (N,1,HR,WR)
+    soft_mask: torch.Tensor          # (N,1,HR,WR), M~ in [0,1]
+    score: torch.Tensor              # (N,) over-activation score d
+    flagged: torch.Tensor            # (N,) bool, d > lambda0
+    mask: torch.Tensor               # (N,1,H,W) float at input resolution, all ones where not flagged
+    defended_input: torch.Tensor     # (N,3,H,W)
+    defended_output: Any = None      # second-pass output for flagged frames, first-pass otherwise;
+                                     # None from ``analyse`` (no second pass)
+    taps: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # the hooked maps used
+
+
+def validate_input(x: Any, check_finite: bool = True) -> torch.Tensor:
+    """Raise ValueError unless ``x`` is a finite floating (N,3,H,W) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"Z-Mask expects a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"Z-Mask expects an image batch of shape (N,3,H,W) in [0,1], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"Z-Mask expects a floating image in [0,1], got dtype {x.dtype}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError("Z-Mask input contains NaN or inf values")
+    return x
+
+
+def merge_batch(first: Any, second: Any, index: torch.Tensor, n: int) -> Any:
+    """``first`` (a batch of n) with the entries at ``index`` replaced by ``second`` (a batch of len(index)).
+
+    Tensors whose first dim is n are merged row-wise; dicts and tuples/lists recurse, except a
+    list/tuple of length n of per-image dicts (torchvision detection) whose items are replaced.
+    Anything else is taken from ``first``.
+    """
+    if isinstance(first, torch.Tensor):
+        if first.dim() > 0 and first.shape[0] == n and isinstance(second, torch.Tensor):
+            return first.index_copy(0, index.to(first.device), second.to(first.dtype))
+        return first
+    if isinstance(first, dict):
+        return {k: merge_batch(v, second[k], index, n) if k in second else v for k, v in first.items()}
+    if isinstance(first, (list, tuple)):
+        if len(first) == n and all(isinstance(v, dict) for v in first):
+            items = list(first)
+            for j, i in enumerate(index.tolist()):
+                items[i] = second[j]
+            return _same_sequence(first, items)
+        return _same_sequence(first, [merge_batch(a, b, index, n) for a, b in zip(first, second)])
+    return first
+
+
+def _same_sequence(like: Sequence[Any], items: List[Any]) -> Any:
+    """``items`` as the sequence type of ``like`` (list, tuple or namedtuple)."""
+    if isinstance(like, list):
+        return items
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
+
+
+class ZMask(nn.Module):
+    """Z-Mask around a model (hooked once) or an engine that returns its own taps."""
+
+    def __init__(self, model: Any, cfg: ZMaskConfig, stats: ChannelStats,
+                 fusion: Optional[FusionBlock] = None) -> None:
+        super().__init__()
+        missing = [n for n in cfg.layers if n not in stats.mu or n not in stats.sigma]
+        if missing:
+            raise KeyError(f"channel statistics missing for layers {missing}; have {sorted(stats.mu)}")
+        self.cfg = cfg
+        self.stats = stats
+        self.fusion = fusion if fusion is not None else FusionBlock()
+        if isinstance(model, (ActivationTaps, EngineTaps)):
+            self.taps: Taps = model
+        else:
+            self.taps = ActivationTaps(model, cfg.layers)
+        inner = getattr(self.taps, "model", None)
+        if isinstance(inner, nn.Module):
+            self.model = inner           # a submodule, so .to()/.eval() reach it
+        mc = self.taps.mean_color
+        fill = mc.detach().clone().float() if mc is not None else torch.full((1, 3, 1, 1), 0.5)
+        # (1,3,1,1) fill colour in [0,1] for masked pixels: the model's mean colour, else 0.5.
+        self.register_buffer("mean_color", fill.reshape(1, 3, 1, 1), persistent=False)
+
+    def _stat(self, name: str, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        mu, sigma = self.stats.mu[name], self.stats.sigma[name]
+        if mu.numel() != feat.shape[1] or sigma.numel() != feat.shape[1]:
+            raise ValueError(f"layer {name!r}: tap has {feat.shape[1]} channels but statistics have "
+                             f"{mu.numel()} (mu) / {sigma.numel()} (sigma)")
+        return (mu.to(device=feat.device, dtype=feat.dtype), sigma.to(device=feat.device, dtype=feat.dtype))
+
+    def heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Aggregated (H_S, H_D), each (N,1,HR,WR), from a {layer: feature map} dict."""
+        spr = self.cfg.spr
+        missing = [n for n in self.cfg.layers if n not in taps]
+        if missing:
+            raise KeyError(f"taps missing for layers {missing}; have {sorted(taps)}")
+        # A layer in both S and D is z-scored once, and each (layer, kernel) term pooled once: with
+        # the paper's settings K_D is a prefix of K_S, so H_D's terms come for free.
+        terms: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
+        for name in self.cfg.layers:
+            feat = taps[name]
+            if feat.dim() != 4:
+                raise ValueError(f"layer {name!r}: expected a (N,C,H,W) map, got {tuple(feat.shape)}")
+            mu, sigma = self._stat(name, feat)
+            z = zscore(to_work(feat, spr), mu, sigma)
+            kernels = ((spr.kernels_shallow if name in self.cfg.shallow else ())
+                       + (spr.kernels_deep if name in self.cfg.deep else ()))
+            for k in dict.fromkeys(tuple(k) for k in kernels):
+                terms[(name, tuple(k))] = pooled_map(z, k, spr.mode)
+        h_s = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_shallow])
+                         for n in self.cfg.shallow])
+        h_d = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_deep]) for n in self.cfg.deep])
+        return h_s, h_d
+
+    def input_mask(self, soft: torch.Tensor, flagged: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """Binary keep-mask (N,1,H,W): 0 where M~ > threshold on flagged frames, 1 elsewhere.
+
+        'same' mode: M~ is resized bilinearly to the input, then thresholded (pixel centres aligned,
+        smooth edges); 'demo' mode: thresholded at the working size, then nearest-upsampled (as the
+        demo does).
+        """
+        thr = self.cfg.mask_threshold
+        if self.cfg.spr.mode == "same":
+            hit = resize(soft.detach(), size, "bilinear") > thr
+        else:
+            hit = resize((soft.detach() > thr).to(soft.dtype), size, "nearest") > 0.5
+        hit = hit & flagged.view(-1, 1, 1, 1)
+        return (~hit).to(soft.dtype)
+
+    def shield(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x * M + mean_color * (1 - M)``: masked pixels take the colour that normalises to zero."""
+        fill = self.mean_color.to(device=x.device, dtype=x.dtype)
+        m = mask.to(x.dtype)
+        return x * m + fill * (1.0 - m)
+
+    def analyse(self, x: torch.Tensor) -> ZMaskResult:
+        """First pass, heatmaps, soft mask, score, flags and the shielded input (no second pass).
+
+        Differentiable from ``x`` to ``soft_mask``/``score`` when grad is enabled."""
+        validate_input(x, self.cfg.check_finite)
+        out, taps = self.taps(x)
+        h_s, h_d = self.heatmaps(taps)
+        soft, score = self.fusion(h_s, h_d)
+        flagged = score.detach() > self.cfg.lambda0
+        mask = self.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
+        return ZMaskResult(output=out, h_s=h_s, h_d=h_d, soft_mask=soft, score=score, flagged=flagged,
+                           mask=mask, defended_input=self.shield(x, mask), taps=taps)
+
+    def forward(self, x: torch.Tensor) -> ZMaskResult:
+        """``analyse`` plus the second pass on the flagged frames only."""
+        res = self.analyse(x)
+        index = torch.nonzero(res.flagged, as_tuple=False).flatten()
+        if index.numel() == 0:
+            res.defended_output = res.output
+            return res
+        second = self.taps.plain(res.defended_input.index_select(0, index))
+        res.defended_output = merge_batch(res.output, second, index, x.shape[0])
+        return res
+
+
+def fit_channel_stats(maps: Sequence[Dict[str, torch.Tensor]], cfg: SPRConfig) -> ChannelStats:
+    """Pooled per-channel mean/std over all pixels of all given tap dicts, at the working size.
+
+    A small exact helper (tests, quick experiments); streaming calibration lives elsewhere.
+    """
+    if not maps:
+        raise ValueError("fit_channel_stats needs at least one batch of taps")
+    mu: Dict[str, torch.Tensor] = {}
+    sigma: Dict[str, torch.Tensor] = {}
+    for name in maps[0]:
+        w = torch.cat([to_work(m[name].detach().float(), cfg) for m in maps], dim=0)
+        flat = w.transpose(0, 1).reshape(w.shape[1], -1)
+        mu[name] = flat.mean(dim=1)
+        sigma[name] = flat.std(dim=1, unbiased=False)
+    return ChannelStats(mu, sigma)
+
+
+__all__ = ["ChannelStats", "ZMask", "ZMaskConfig", "ZMaskResult", "fit_channel_stats", "merge_batch",
+           "validate_input"]
