@@ -1,0 +1,131 @@
+"""Craft a universal EOT adversarial patch (or a random control patch) for a registered model.
+
+Examples:
+    python -m realtime.attacks.craft --model ddrnet23_slim --size L --out patches/ddrnet_L.png
+    python -m realtime.attacks.craft --model bisenetv1 --size M --steps 3000 --batch-size 16 --out p.png --resume
+    python -m realtime.attacks.craft --model ddrnet23_slim --size L --random --out patches/random_L.png
+
+Writes PNG + JSON sidecar (model, fingerprint, size, hw, steps, final loss, seed, config). A checkpoint
+``<out>.ckpt.pt`` is kept while crafting; ``--resume`` continues from it after an interruption.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from realtime.data import CamVid, DataNotFoundError
+from realtime.devices import describe, pick_device
+from realtime.models import build_model, fingerprint, list_models
+
+from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, random_patch, save_patch_png
+from .eot import EOTConfig, craft_universal_patch
+
+
+def parse_hw(text: str) -> Tuple[int, int]:
+    """'105x141' -> (105, 141)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, got '{text}'") from None
+    return h, w
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m realtime.attacks.craft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--weights", default="default", help="checkpoint path, or 'default' for the shipped weights")
+    p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
+    p.add_argument("--split", default="train", help="frames the patch is optimised on")
+    p.add_argument("--size", default="L", help=f"paper size {sorted(PATCH_SIZES_1024x2048)} scaled to the frame")
+    p.add_argument("--hw", type=parse_hw, default=None, help="explicit patch HxW (overrides --size)")
+    p.add_argument("--out", required=True, help="output PNG (JSON sidecar written next to it)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01, help="Adam step in [0,1] pixel units")
+    p.add_argument("--tv-weight", type=float, default=0.1)
+    p.add_argument("--nps-weight", type=float, default=0.0)
+    p.add_argument("--loss", choices=("untargeted", "ce"), default="untargeted")
+    p.add_argument("--capture", choices=("physical", "none"), default="physical", help="EOT capture preset")
+    p.add_argument("--no-grad-norm", action="store_true", help="do not normalise each loss's gradient")
+    p.add_argument("--limit", type=int, default=None, help="only the first N frames of the split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on GPU")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--random", action="store_true", help="write a uniform-noise control patch instead")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt if present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".ckpt.pt")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.model not in list_models():
+            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models())}")
+        if args.hw is None and args.size.upper() not in PATCH_SIZES_1024x2048:
+            raise KeyError(f"unknown patch size '{args.size}'; choose from {sorted(PATCH_SIZES_1024x2048)}")
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out must be a .png file, got {out}")
+        ds = CamVid(args.data, args.split)
+        dev = pick_device(args.device)
+        model = build_model(args.model, weights=args.weights, device=dev)
+    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    cfg = EOTConfig(size=args.size.upper(), hw=args.hw, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    tv_weight=args.tv_weight, nps_weight=args.nps_weight, normalize_grads=not args.no_grad_norm,
+                    loss=args.loss, capture=CaptureConfig.physical() if args.capture == "physical"
+                    else CaptureConfig.none(), placement=Placement("random"), seed=args.seed,
+                    checkpoint_every=args.checkpoint_every, amp=args.amp)
+    meta = {"model": args.model, "weights": str(args.weights), "fingerprint": fingerprint(model),
+            "size": cfg.size if args.hw is None else "custom", "seed": args.seed, "split": args.split,
+            "data": str(ds.root)}
+    if args.random:
+        frame_hw = tuple(ds.load(0)[0].shape[:2])
+        hw = cfg.patch_hw(frame_hw)
+        patch = random_patch(hw, torch.Generator().manual_seed(args.seed))
+        meta.update(kind="random", hw=list(hw), frame_hw=list(frame_hw), steps=0, final_loss=None)
+        save_patch_png(patch, out, meta)
+        print(f"wrote random {hw[0]}x{hw[1]} control patch to {out}")
+        return 0
+    idx = range(min(len(ds), args.limit)) if args.limit else None
+    images, labels = ds.to_tensors(idx, progress=not args.quiet)
+    ckpt = checkpoint_path(out)
+    if ckpt.exists() and not args.resume:
+        ckpt.unlink()                                                    # a fresh run starts from scratch
+    t0 = time.time()
+    try:
+        patch, history = craft_universal_patch(model, images, labels, cfg, dev, progress=not args.quiet,
+                                               checkpoint=ckpt)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tail = history[-min(len(history), 20):]
+    final = {k: sum(h[k] for h in tail) / max(len(tail), 1) for k in ("loss", "adv", "acc")}
+    meta.update(kind="eot", hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]), steps=cfg.steps,
+                final_loss=final["loss"], final_adv_loss=final["adv"], final_train_accuracy_outside=final["acc"],
+                frames=len(images), seconds=round(time.time() - t0, 1), env=describe(dev), config=asdict(cfg),
+                history=[{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
+                         for h in history[::max(1, len(history) // 200)]])
+    save_patch_png(patch, out, meta)
+    print(f"wrote {patch.shape[1]}x{patch.shape[2]} patch to {out} (final loss {final['loss']:.4f}, "
+          f"train accuracy outside patch {final['acc']:.3f}, checkpoint {ckpt})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
