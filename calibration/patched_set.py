@@ -32,7 +32,7 @@ def library_patches(directory: Path, model_name: str, fingerprint: str) -> List[
         if not side.is_file():
             continue
         meta = json.loads(side.read_text())
-        if meta.get("fingerprint") == fingerprint and not meta.get("random", False):
+        if meta.get("fingerprint") == fingerprint and meta.get("kind") != "random":
             patch, _ = load_patch_png(png)
             found.append((png.stem, patch))
     return found
