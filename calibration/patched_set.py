@@ -24,15 +24,17 @@ class PatchSource:
     patch: torch.Tensor  # (3,h,w) in [0,1]
 
 
-def library_patches(directory: Path, model_name: str, fingerprint: str) -> List[Tuple[str, torch.Tensor]]:
-    """Crafted patches in ``directory`` whose JSON sidecar names this model's fingerprint."""
+def library_patches(directory: Path, model_name: str, fingerprint: str, kinds: Sequence[str] = ("eot", "beta")
+                    ) -> List[Tuple[str, torch.Tensor]]:
+    """Crafted patches in ``directory`` whose JSON sidecar names this model's fingerprint and one of ``kinds``
+    (universal EOT and beta-controlled by default; defense-aware patches are test attacks, not training data)."""
     found = []
     for png in sorted(Path(directory).glob("*.png")):
         side = png.with_suffix(".json")
         if not side.is_file():
             continue
         meta = json.loads(side.read_text())
-        if meta.get("fingerprint") == fingerprint and meta.get("kind") != "random":
+        if meta.get("fingerprint") == fingerprint and meta.get("kind") in kinds:
             patch, _ = load_patch_png(png)
             found.append((png.stem, patch))
     return found

@@ -60,9 +60,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model on GPU")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--random", action="store_true", help="write a uniform-noise control patch instead")
+    p.add_argument("--beta", type=float, default=None,
+                   help="beta-controlled patch: minimise (1-beta) L_OZ + beta L_adv (needs --calibration)")
+    p.add_argument("--defense-aware", choices=("mask", "flag"), default=None,
+                   help="Adv-Mask / Adv-Flag against Z-Mask with weight --alpha on L_adv (needs --calibration)")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--calibration", default=None, help="Z-Mask artifact: statistics, layers, fusion, lambda0")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt if present")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def adaptive_objective(args: argparse.Namespace, model: torch.nn.Module):
+    """(model wrapped with taps, extra loss, weight of L_adv) for --beta / --defense-aware."""
+    from calibration.artifact import load_calibration
+    from realtime.attacks.adaptive import DefenseAwareLoss, OverActivationLoss, TappedForward
+    if args.calibration is None:
+        raise ValueError("--beta and --defense-aware need --calibration (Z-Mask statistics and layers)")
+    cal = load_calibration(args.calibration, model)
+    dev = next(model.parameters()).device
+    if args.defense_aware:
+        zm = cal.build_zmask(model)
+        tapped = TappedForward(model, cal.config.layers)
+        return tapped, DefenseAwareLoss(tapped, zm, args.defense_aware), args.alpha
+    tapped = TappedForward(model, cal.config.shallow)
+    stats = cal.stats.to(dev)
+    return tapped, OverActivationLoss(tapped, cal.config.shallow, stats.mu, stats.sigma, cal.config.spr), args.beta
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -109,14 +132,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt.unlink()                                                    # a fresh run starts from scratch
     t0 = time.time()
     try:
-        patch, history = craft_universal_patch(model, images, labels, cfg, dev, progress=not args.quiet,
-                                               checkpoint=ckpt)
+        target, extra = model, None
+        if args.beta is not None or args.defense_aware:
+            target, extra, weight = adaptive_objective(args, model)
+            cfg.beta = weight
+            meta.update(beta=args.beta, defense_aware=args.defense_aware,
+                        alpha=args.alpha if args.defense_aware else None, calibration=str(args.calibration))
+        patch, history = craft_universal_patch(target, images, labels, cfg, dev, progress=not args.quiet,
+                                               checkpoint=ckpt, extra_loss=extra)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tail = history[-min(len(history), 20):]
     final = {k: sum(h[k] for h in tail) / max(len(tail), 1) for k in ("loss", "adv", "acc")}
-    meta.update(kind="eot", hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]), steps=cfg.steps,
+    kind = "eot" if extra is None else ("beta" if args.beta is not None else f"adv-{args.defense_aware}")
+    meta.update(kind=kind, hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]), steps=cfg.steps,
                 final_loss=final["loss"], final_adv_loss=final["adv"], final_train_accuracy_outside=final["acc"],
                 frames=len(images), seconds=round(time.time() - t0, 1), env=describe(dev), config=asdict(cfg),
                 history=[{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
