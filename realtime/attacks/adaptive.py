@@ -43,14 +43,20 @@ class OverActivationLoss:
         self.tapped, self.layers, self.mu, self.sigma, self.spr = tapped, list(layers), mu, sigma, spr
 
     def __call__(self, patched: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        cover = F.adaptive_avg_pool2d(mask.float(), self.spr.work_size)             # (N,1,HR,WR)
-        area = cover.sum(dim=(2, 3)).clamp_min(1e-6)                                 # (N,1)
-        terms = []
-        for name in self.layers:
-            f = self.tapped.last[name].float()
-            z = zscore(to_work(f, self.spr), self.mu[name].to(f.device), self.sigma[name].to(f.device))
-            terms.append(((z * cover).sum(dim=(2, 3)) / area).abs().mean())
-        return torch.stack(terms).mean()
+        return over_activation(self.tapped.last, mask, self.layers, self.mu, self.sigma, self.spr).mean()
+
+
+def over_activation(taps: Dict[str, torch.Tensor], mask: torch.Tensor, layers: Sequence[str],
+                    mu: Dict[str, torch.Tensor], sigma: Dict[str, torch.Tensor], spr: SPRConfig) -> torch.Tensor:
+    """Per-frame L_OZ (N,): mean over ``layers`` and channels of |mean z under the patch|."""
+    cover = F.adaptive_avg_pool2d(mask.float(), spr.work_size)                   # (N,1,HR,WR)
+    area = cover.sum(dim=(2, 3)).clamp_min(1e-6)                                 # (N,1)
+    terms = []
+    for name in layers:
+        f = taps[name].float()
+        z = zscore(to_work(f, spr), mu[name].to(f.device), sigma[name].to(f.device))
+        terms.append(((z * cover).sum(dim=(2, 3)) / area).abs().mean(dim=1))
+    return torch.stack(terms).mean(dim=0)
 
 
 class DefenseAwareLoss:
