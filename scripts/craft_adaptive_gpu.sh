@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Craft the beta-controlled sweep and the defense-aware (Adv-Mask / Adv-Flag) L patches for both
+# Craft the beta-controlled sweep (and with DEFENSE_AWARE=1 the Adv-Mask / Adv-Flag) L patches for both
 # default models against their shipped Z-Mask calibrations, all in parallel on one GPU.
 #   scripts/craft_adaptive_gpu.sh DATA_DIR STEPS BATCH OUT_DIR
 set -euo pipefail
@@ -16,7 +16,9 @@ run() {  # name, extra args...
 for m in ddrnet23_slim bisenetv1; do
   cal=calibration/shipped/$m.safetensors
   for b in 0.1 0.3 0.5 0.7 0.9; do run "${m}_beta${b}_L" --model "$m" --calibration "$cal" --beta "$b"; done
-  for k in mask flag; do run "${m}_adv-${k}0.5_L" --model "$m" --calibration "$cal" --defense-aware "$k" --alpha 0.5; done
+  if [ "${DEFENSE_AWARE:-0}" = 1 ]; then
+    for k in mask flag; do run "${m}_adv-${k}0.5_L" --model "$m" --calibration "$cal" --defense-aware "$k" --alpha 0.5; done
+  fi
 done
 rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
 tail -qn 1 "$OUT"/logs/*.log
