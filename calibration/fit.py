@@ -3,8 +3,9 @@
     python -m calibration.fit --model ddrnet23_slim --out calibration/shipped/ddrnet23_slim.safetensors
 
 1. per-channel mu/sigma of every candidate layer on clean frames (streaming pooled estimator);
-2. a patched twin of each calibration frame (random-noise S/M/L, crafted library patches at full and
-   half contrast), placed at random with the physical-capture simulation;
+2. a patched twin of each calibration frame, placed at random with the physical-capture simulation:
+   the beta set (library EOT S/M/L and beta >= 0.5 patches) when it exists, else random-noise S/M/L
+   and EOT patches at full and half contrast (``--sources``);
 3. layer ranking (detection AUC + localisation IoU) and the S/D choice (``--layers auto``), or the
    paper's sets (``--layers paper``), or an explicit ``--shallow a,b --deep c``;
 4. the 8-scalar fusion block trained with BCE against the true patch masks;
@@ -55,12 +56,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-deep", type=int, default=2)
     p.add_argument("--mode", default="same", choices=["same", "demo"], help="SPR alignment")
     p.add_argument("--patches", default=str(LIBRARY), help="folder of crafted patch PNGs (+JSON sidecars)")
+    p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple"],
+                   help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), auto = beta if any")
     p.add_argument("--max-fpr", type=float, default=0.01)
     p.add_argument("--fusion-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
+
+
+def training_sources(args: argparse.Namespace, hw, fp: str):
+    """The patched-frame sources for the block: the beta set when the library has one, else 'simple'."""
+    lib = Path(args.patches) if args.patches else None
+    if args.sources in ("auto", "beta") and lib is not None:
+        beta = library_patches(lib, args.model, fp, kinds=("eot", "beta"), min_beta=0.5)
+        if any("beta" in name for name, _ in beta):
+            return make_sources(hw, beta, seed=args.seed, half_contrast=False, include_random=False)
+        if args.sources == "beta":
+            raise FileNotFoundError(f"no beta-controlled patches for {args.model} in {lib}")
+    crafted = library_patches(lib, args.model, fp, kinds=("eot",)) if lib is not None else []
+    return make_sources(hw, crafted, seed=args.seed)
 
 
 def fit(args: argparse.Namespace) -> dict:
@@ -80,8 +96,7 @@ def fit(args: argparse.Namespace) -> dict:
     step = max(len(images) // args.fit_frames, 1)
     fit_idx = list(range(0, len(images), step))[: args.fit_frames]
     clean_u8 = images[fit_idx]
-    crafted = library_patches(Path(args.patches), args.model, fp) if args.patches else []
-    sources = make_sources((h, w), crafted, seed=args.seed)
+    sources = training_sources(args, (h, w), fp)
     patched, masks, src_names = patch_frames(clean_u8, sources, seed=args.seed, capture=CaptureConfig.physical())
     gt_work = mask_to_work(masks, spr.work_size)
     hm_clean = layer_heatmaps(model, candidates, clean_u8, stats, spr, args.batch_size, "heatmaps clean")

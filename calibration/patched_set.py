@@ -1,7 +1,9 @@
 """Patched calibration frames with ground-truth masks, from patches of several strengths.
 
-Sources: uniform-noise patches at the S/M/L sizes (weak over-activation), crafted patches loaded from
-the attack library (strong), and each crafted patch also at half contrast around mid-grey (medium).
+Two source sets. ``beta`` (the paper's): the library's universal EOT patches (S/M/L, beta = 1) and its
+beta-controlled patches with beta >= 0.5 -- adversarial patches of graded over-activation strength.
+``simple`` (before a beta set exists): uniform-noise patches at the S/M/L sizes, crafted EOT patches,
+and each crafted patch again at half contrast around mid-grey.
 Every frame gets one source (round robin), a random placement inside the frame and, optionally, the
 physical-capture simulation. Seeded: the same call gives the same set.
 """
@@ -24,30 +26,38 @@ class PatchSource:
     patch: torch.Tensor  # (3,h,w) in [0,1]
 
 
-def library_patches(directory: Path, model_name: str, fingerprint: str, kinds: Sequence[str] = ("eot", "beta")
-                    ) -> List[Tuple[str, torch.Tensor]]:
+def library_patches(directory: Path, model_name: str, fingerprint: str, kinds: Sequence[str] = ("eot", "beta"),
+                    min_beta: float = 0.0) -> List[Tuple[str, torch.Tensor]]:
     """Crafted patches in ``directory`` whose JSON sidecar names this model's fingerprint and one of ``kinds``
-    (universal EOT and beta-controlled by default; defense-aware patches are test attacks, not training data)."""
+    (universal EOT and beta-controlled by default; defense-aware patches are test attacks, not training data);
+    beta patches below ``min_beta`` are skipped."""
     found = []
     for png in sorted(Path(directory).glob("*.png")):
         side = png.with_suffix(".json")
         if not side.is_file():
             continue
         meta = json.loads(side.read_text())
-        if meta.get("fingerprint") == fingerprint and meta.get("kind") in kinds:
-            patch, _ = load_patch_png(png)
-            found.append((png.stem, patch))
+        if meta.get("fingerprint") != fingerprint or meta.get("kind") not in kinds:
+            continue
+        if meta.get("kind") == "beta" and float(meta.get("beta") or 0.0) < min_beta:
+            continue
+        patch, _ = load_patch_png(png)
+        found.append((png.stem, patch))
     return found
 
 
 def make_sources(input_hw: Tuple[int, int], crafted: Sequence[Tuple[str, torch.Tensor]], seed: int = 0,
-                 half_contrast: bool = True) -> List[PatchSource]:
+                 half_contrast: bool = True, include_random: bool = True) -> List[PatchSource]:
     g = torch.Generator().manual_seed(seed)
-    sources = [PatchSource(f"random-{s}", "random", random_patch(patch_size_for(s, input_hw), g)) for s in "SML"]
+    sources = []
+    if include_random:
+        sources = [PatchSource(f"random-{s}", "random", random_patch(patch_size_for(s, input_hw), g)) for s in "SML"]
     for name, p in crafted:
         sources.append(PatchSource(name, "crafted", p))
         if half_contrast:
             sources.append(PatchSource(f"{name}@0.5", "crafted", 0.5 + 0.5 * (p - 0.5)))
+    if not sources:
+        raise ValueError("no patch sources: no random patches requested and no crafted patches found")
     return sources
 
 
