@@ -34,15 +34,26 @@ from realtime.models import build_model, fingerprint, list_models
 @torch.no_grad()
 def run_zmask(zm, frames: torch.Tensor, batch_size: int, desc: str) -> Dict[str, torch.Tensor]:
     dev = zm.mean_color.device
-    d, masks, keep = [], [], []
+    d, masks, keep, gate = [], [], [], []
     for s in tqdm(range(0, len(frames), batch_size), desc=desc, unit="batch", leave=False):
         x = frames[s:s + batch_size].to(dev)
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         r = zm.analyse(x)
         d.append(r.score.float().cpu())
         masks.append(r.mask.cpu())
+        gate.append(zm.fusion.gate(r.h_d).cpu())
         keep.append({"h_s": r.h_s.cpu(), "h_d": r.h_d.cpu(), "soft": r.soft_mask.cpu()} if s == 0 else None)
-    return {"d": torch.cat(d), "mask": torch.cat(masks), "first": keep[0]}
+    return {"d": torch.cat(d), "mask": torch.cat(masks), "gate": torch.cat(gate), "first": keep[0]}
+
+
+def gate_stats(gate: torch.Tensor, gt_work: torch.Tensor | None = None) -> Dict[str, float]:
+    """How selective the learned region-of-interest gate g is (the authors' ended up ~1 everywhere)."""
+    out = {"gate_mean": float(gate.mean()), "gate_frac_below_0.5": float((gate < 0.5).float().mean())}
+    if gt_work is not None:
+        inside = gt_work > 0.5
+        out["gate_mean_inside_patch"] = float(gate[inside].mean()) if inside.any() else None
+        out["gate_mean_outside_patch"] = float(gate[~inside].mean())
+    return out
 
 
 def mask_iou(keep_mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -63,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     ds = CamVid(args.data, args.split)
     images, _ = ds.to_tensors(range(min(len(ds), args.limit or len(ds))), progress=True)
     hw = tuple(images.shape[-2:])
-    crafted = library_patches(Path(args.patches), args.model, fingerprint(model))
+    crafted = library_patches(Path(args.patches), args.model, fingerprint(model), kinds=("eot",))
     sources = [s for s in make_sources(hw, crafted, seed=args.seed, half_contrast=False) if s.name != "random-S"
                and s.name != "random-M"]
     clean = run_zmask(zm, images, args.batch_size, "clean")
@@ -71,7 +82,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
     d_clean = clean["d"].numpy()
     res: Dict = {"model": args.model, "calibration": str(cal_path), "split": args.split, "frames": len(images),
                  "lambda0": lam, "shallow": list(cal.config.shallow), "deep": list(cal.config.deep),
-                 "clean_fpr": float((d_clean > lam).mean()), "conditions": {}, "env": describe(dev)}
+                 "clean_fpr": float((d_clean > lam).mean()), "clean_gate": gate_stats(clean["gate"]),
+                 "conditions": {}, "env": describe(dev)}
     curves = {}
     examples: List = []
     for src in sources:
@@ -87,7 +99,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
             "kind": src.kind, "auc": auc, "tpr_at_lambda0": float(flagged.mean()),
             "mask_iou_flagged": float(iou[torch.from_numpy(flagged)].mean()) if flagged.any() else None,
             "mask_iou_all": float((iou * torch.from_numpy(flagged)).mean()),
-            "mean_d": float(d.mean())}
+            "mean_d": float(d.mean()),
+            **gate_stats(out["gate"], torch.nn.functional.adaptive_avg_pool2d(gt, cal.config.spr.work_size))}
         curves[src.name] = {"fpr": fpr, "tpr": tpr, "auc": auc,
                             "chosen": {"fpr": res["clean_fpr"], "tpr": float(flagged.mean())}}
         examples.append((src.name, patched[:1], gt[:1], out["first"], float(d[0])))
