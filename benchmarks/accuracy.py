@@ -5,17 +5,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.metrics import ConfusionMatrix
-from realtime.data import CLASSES, IGNORE_INDEX, CamVid, DataNotFoundError
+from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.data.augment import resize_batch
 from realtime.devices import autocast, describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
@@ -76,9 +75,8 @@ def main(argv=None) -> int:
         ds = CamVid(args.data, args.split)
         dev = pick_device(args.device)
         model = build_model(args.model, weights=args.weights, device=dev)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     idx = range(min(len(ds), args.limit)) if args.limit else None
     images, labels = ds.to_tensors(idx, progress=True)
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
@@ -88,8 +86,7 @@ def main(argv=None) -> int:
                fingerprint=fingerprint(model), seconds=round(time.time() - t0, 2), env=describe(dev))
     print(format_table(res))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
     return 0
 
 

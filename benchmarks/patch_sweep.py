@@ -11,10 +11,9 @@ markdown table and, when beta patches exist, a plot of L_OZ / AUC / mIoU versus 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import matplotlib
 
@@ -29,9 +28,10 @@ from benchmarks.metrics import ConfusionMatrix  # noqa: E402
 from calibration.artifact import load_calibration  # noqa: E402
 from calibration.evaluate import mask_iou  # noqa: E402
 from calibration.fit import LIBRARY  # noqa: E402
+from realtime.cli import USER_ERRORS, report_error, write_json  # noqa: E402
 from realtime.attacks import CaptureConfig, Placement, apply_patch, load_patch_png  # noqa: E402
 from realtime.attacks.adaptive import over_activation  # noqa: E402
-from realtime.data import CLASSES, IGNORE_INDEX, CamVid, DataNotFoundError  # noqa: E402
+from realtime.data import CLASSES, IGNORE_INDEX, CamVid  # noqa: E402
 from realtime.devices import describe, pick_device  # noqa: E402
 from realtime.models import build_model, fingerprint, list_models  # noqa: E402
 
@@ -159,15 +159,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         res = sweep(args)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     out = Path(args.out_dir)
     md = markdown(res)
     print(md)
     (out / f"patch_sweep_{args.model}_{args.split}.md").write_text(md)
     plot_beta(res, out / f"beta_sweep_{args.model}_{args.split}.png")
-    Path(args.json or out / f"patch_sweep_{args.model}_{args.split}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json or out / f"patch_sweep_{args.model}_{args.split}.json", res)
     return 0
 
 

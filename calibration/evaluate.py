@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from calibration.artifact import load_calibration
 from calibration.fit import LIBRARY
-from calibration.patched_set import PatchSource, library_patches, make_sources, patch_frames
+from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
+from realtime.cli import USER_ERRORS, report_error, write_json
 from realtime.attacks import CaptureConfig
-from realtime.data import CamVid, DataNotFoundError
+from realtime.data import CamVid
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
@@ -138,13 +139,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         res = evaluate(args)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     print(json.dumps(res, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
     return 0
 
 

@@ -29,8 +29,9 @@ from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
 from calibration.select_layers import mask_to_work, pick_layers, rank_layers, ranking_markdown
+from realtime.cli import USER_ERRORS, report_error, write_json
 from realtime.attacks import CaptureConfig
-from realtime.data import CamVid, DataNotFoundError
+from realtime.data import CamVid
 from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
@@ -146,7 +147,7 @@ def fit(args: argparse.Namespace) -> dict:
     summary = {"artifact": str(out), "model": args.model, "fingerprint": fp, "shallow": shallow, "deep": deep,
                "lambda0": cfg.lambda0, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],
                "youden": rep.to_dict()["youden"], "fusion": block.to_dict(), "seconds": round(time.time() - t0, 1)}
-    (report / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(report / "fit.json", summary)
     return summary
 
 
@@ -154,9 +155,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = fit(args)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.metrics import ConfusionMatrix
-from realtime.data import CLASSES, IGNORE_INDEX, CamVid, DataNotFoundError, colorize
+from realtime.cli import USER_ERRORS, report_error
+from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.devices import pick_device
 from realtime.models import build_model, list_models
 from realtime.sinks.video import VideoWriter, overlay_segmentation, put_text
@@ -72,9 +73,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     print(json.dumps(summary, indent=2))
     return 0
 

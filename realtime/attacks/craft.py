@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from realtime.data import CamVid, DataNotFoundError
+from realtime.cli import USER_ERRORS, report_error
+from realtime.data import CamVid
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
@@ -105,10 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ds = CamVid(args.data, args.split)
         dev = pick_device(args.device)
         model = build_model(args.model, weights=args.weights, device=dev)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     cfg = EOTConfig(size=args.size.upper(), hw=args.hw, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     tv_weight=args.tv_weight, nps_weight=args.nps_weight, normalize_grads=not args.no_grad_norm,
                     loss=args.loss, capture=CaptureConfig.physical() if args.capture == "physical"

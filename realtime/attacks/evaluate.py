@@ -9,16 +9,15 @@ pixels (and void) are ignored in both, so the difference is the attack's effect 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.metrics import ConfusionMatrix
-from realtime.data import CLASSES, IGNORE_INDEX, CamVid, DataNotFoundError
+from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.devices import autocast, describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
@@ -99,10 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ds = CamVid(args.data, args.split)
         dev = pick_device(args.device)
         model = build_model(args.model, weights=args.weights, device=dev)
-    except (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error(exc)
     fp = fingerprint(model)
     if meta.get("kind") == "eot" and meta.get("fingerprint") not in (None, fp):
         print(f"warning: patch was crafted on {meta.get('model')} ({meta.get('fingerprint')}), evaluating on "
@@ -124,8 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"random control patch: clean {r['clean_miou']:.4f}, patched {r['patched_miou']:.4f} "
               f"(drop {r['miou_drop']:.4f})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
     return 0
 
 

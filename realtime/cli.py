@@ -1,0 +1,27 @@
+"""What every command-line entry point shares: user errors as one line + exit code 2, JSON output."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from realtime.data import DataNotFoundError
+
+# Failures a user can fix (bad path, unknown name, mismatched artifact): reported without a traceback.
+USER_ERRORS = (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print ``error: <message>`` to stderr and return the exit code for user errors (2)."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc   # KeyError's str() adds quotes
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
