@@ -39,8 +39,8 @@ def attacks_markdown(results: Path) -> str:
     return "\n".join(lines)
 
 
-def zmask_markdown(results: Path) -> str:
-    lines = ["# Z-Mask detection and masking with the shipped calibrations (CamVid val)", "",
+def zmask_markdown(results: Path, subdir: str = "calibration", title: str = "the shipped calibrations") -> str:
+    lines = [f"# Z-Mask detection and masking with {title} (CamVid val)", "",
              "`python -m calibration.evaluate --model NAME --split val`: every val frame clean, and again with each",
              "patch at a seeded random place through the physical-capture simulation. AUC: score d of patched vs",
              "clean frames. TPR / FPR at the calibrated lambda0 (chosen for <= 1 % FPR on clean *train* frames).",
@@ -48,7 +48,7 @@ def zmask_markdown(results: Path) -> str:
              "region-of-interest gate g inside / outside the patch (the authors' block learned g ~ 1 everywhere).", "",
              "| model | S / D layers | lambda0 | clean FPR | patch | AUC | TPR | mask IoU | gate in / out |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for f in sorted((results / "calibration").glob("*/val.json")):
+    for f in sorted((results / subdir).glob("*/val.json")):
         d = json.loads(f.read_text())
         layers = f"{', '.join(d['shallow'])} / {', '.join(d['deep'])}"
         for i, (name, c) in enumerate(d["conditions"].items()):
@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="benchmarks/results")
     a = p.parse_args(argv)
     res = Path(a.results)
-    for name, md in (("attacks.md", attacks_markdown(res)), ("zmask_val.md", zmask_markdown(res))):
+    tables = [("attacks.md", attacks_markdown(res)), ("zmask_val.md", zmask_markdown(res))]
+    if (res / "calibration_simple").is_dir():
+        tables.append(("zmask_val_simple.md", zmask_markdown(
+            res, "calibration_simple", "the 'simple' calibrations (fusion trained on noise + EOT patches)")))
+    for name, md in tables:
         (res / name).write_text(md)
         print(md)
     return 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import List
 
-import pytest
 import torch
 
 from realtime.compat import import_torchvision, nms_reference

@@ -74,3 +74,47 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+BANNER_COLORS = {"alarm": (200, 30, 30), "clear": (30, 140, 60), "unsafe": (90, 0, 90), "off": (70, 70, 70)}
+
+
+def draw_mask(frame: np.ndarray, mask: np.ndarray, color=(255, 0, 255), alpha: float = 0.55) -> np.ndarray:
+    """Tint the pixels of a boolean HxW mask and outline it (in place, returns frame)."""
+    if mask is None or not mask.any():
+        return frame
+    tint = np.array(color, np.float32)
+    frame[mask] = (frame[mask].astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(frame, contours, -1, color, 1, cv2.LINE_AA)
+    return frame
+
+
+def draw_outline(frame: np.ndarray, mask: np.ndarray, color=(255, 230, 0)) -> np.ndarray:
+    """Outline a boolean mask without tinting it (ground truth), in place."""
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(frame, contours, -1, color, 1, cv2.LINE_AA)
+    return frame
+
+
+def annotate(image: np.ndarray, label: Optional[np.ndarray], masked: Optional[np.ndarray],
+             gt_mask: Optional[np.ndarray], state: str, info: str, banner: str) -> np.ndarray:
+    """Two panels under a banner: camera frame with the defense mask (magenta) and ground truth
+    (yellow outline), and the defended segmentation; ``state`` picks the banner colour
+    (alarm/clear/unsafe/off). An unsafe frame (fail-closed) shows no segmentation at all."""
+    left = draw_outline(draw_mask(image.copy(), masked), gt_mask)
+    if label is None:
+        right = np.full_like(image, 40)
+        put_text(right, "NO OUTPUT (defense failed, fail-closed)", (8, image.shape[0] // 2), 0.5)
+    else:
+        right = overlay_segmentation(image, label)
+        draw_mask(right, masked, color=(0, 0, 0), alpha=0.6)
+    body = np.concatenate([left, right], axis=1)
+    bar = np.zeros((28, body.shape[1], 3), np.uint8)
+    bar[:] = BANNER_COLORS.get(state, BANNER_COLORS["off"])
+    cv2.putText(bar, banner, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    (tw, _), _ = cv2.getTextSize(info, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    cv2.putText(bar, info, (max(body.shape[1] - tw - 8, 260), 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return np.concatenate([bar, body], axis=0)

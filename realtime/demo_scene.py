@@ -1,0 +1,241 @@
+"""The ``demo`` source: a CamVid drive with a crafted patch printed as a poster on a building facade.
+
+What it does, per frame of the sequence (default: val ``0016E5``, 101 frames sampled at 15 Hz):
+
+1. Frames outside ``[patch_start, patch_start + patch_frames)`` are passed through clean, so a run
+   shows both the clean behaviour (no alarm expected) and the attacked one.
+2. Placement ("a plausible surface"): the side of the road with more ``building`` pixels is chosen;
+   the vanishing point is estimated from the top of the ``road`` region; candidate posters are
+   quadrilaterals whose top and bottom edges converge to that vanishing point (a plane parallel to the
+   driving direction) and whose bottom sits just above the facade's base line; the candidate covering
+   the most building pixels wins.
+3. Motion ("moving with the scene"): a facade is a plane, so the poster's image motion between two
+   frames is a homography. It is estimated from corners tracked (pyramidal Lucas-Kanade, RANSAC) on
+   the building pixels around the poster in the CLEAN frames, and applied to the poster's corners:
+   the poster grows and slides outwards as the car drives past, like a real print. When tracking
+   fails (too few inliers, as with 1 Hz sequences), the poster leaves the frame or grows too large,
+   a new poster is placed from the label map (the next poster along the street).
+4. Capture: the patch is warped onto the quad and passed through the physical-capture simulation
+   (lighting, blur, noise, JPEG; one draw per poster so a poster keeps its lighting); pixels whose
+   label is a foreground object (pole, sign, tree, fence, car, pedestrian, cyclist) occlude it.
+   The ground-truth patch mask is exactly the composited pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from realtime.attacks import CaptureConfig, load_patch_png, render_quads
+from realtime.sources.base import Frame, Source, SourceError
+from realtime.sources.camvid import CAMVID_VIDEO_FPS, open_sequence
+
+LIBRARY = Path(__file__).resolve().parent / "attacks" / "library"
+BUILDING, ROAD = 1, 3
+OCCLUDERS = (2, 5, 6, 7, 8, 9, 10)      # pole, tree, sign, fence, car, pedestrian, bicyclist
+
+Quad = np.ndarray                        # (4,2) float64 corners (x, y): TL, TR, BR, BL
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Which sequence, which patch, when it is visible, and how it is rendered."""
+    sequence: str = "0016E5"
+    split: Optional[str] = "val"             # None: the first of val/train/test holding the sequence
+    model: str = "ddrnet23_slim"             # picks the library patch crafted against this model
+    patch: Optional[str] = None              # explicit patch PNG (overrides ``model``)
+    patch_start: int = 30                    # first patched frame (frames before are clean)
+    patch_frames: int = 55                   # patched frames; the tail after them is clean again
+    poster_scale: float = 0.8                # near-edge height / horizontal distance to the VP
+    occlude: bool = True
+    seed: int = 0
+    min_inliers: int = 12
+
+    def patch_path(self) -> Path:
+        if self.patch:
+            return Path(self.patch)
+        return LIBRARY / f"{self.model}_eot_L.png"
+
+    def patched(self, k: int) -> bool:
+        return self.patch_start <= k < self.patch_start + self.patch_frames
+
+
+def capture_config() -> CaptureConfig:
+    """The physical-capture simulation minus its geometric jitter (geometry comes from the scene)."""
+    return dataclasses.replace(CaptureConfig.physical(), p_geometric=0.0)
+
+
+def vanishing_point(label: np.ndarray) -> Tuple[float, float]:
+    """(x, y) of the far end of the road region; the frame's upper centre when no road is labelled."""
+    h, w = label.shape
+    rows = np.nonzero((label == ROAD).sum(1) >= 3)[0]
+    if rows.size == 0:
+        return w / 2.0, 0.42 * h
+    top = rows[0]
+    band = label[top: top + max(3, h // 30)] == ROAD
+    xs = np.nonzero(band)[1]
+    return float(xs.mean()), float(top)
+
+
+def quad_fill(quad: Quad, shape: Tuple[int, int]) -> np.ndarray:
+    """HxW bool raster of a quad (pixel centres inside)."""
+    m = np.zeros(shape, np.uint8)
+    cv2.fillConvexPoly(m, np.round(quad * 16).astype(np.int32), 1, lineType=cv2.LINE_8, shift=4)
+    return m.astype(bool)
+
+
+def quad_area(quad: Quad) -> float:
+    x, y = quad[:, 0], quad[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def convex(quad: Quad) -> bool:
+    e = np.roll(quad, -1, 0) - quad
+    cross = e[:, 0] * np.roll(e, -1, 0)[:, 1] - e[:, 1] * np.roll(e, -1, 0)[:, 0]
+    return bool((cross > 1e-6).all())
+
+
+def place_poster(label: np.ndarray, near_scale: float) -> Optional[Quad]:
+    """A poster on the facade of the more built-up side, None if no candidate lies on a building.
+
+    The near-edge height is ``near_scale * |vx - x|`` (a fixed-size print: image size falls with the
+    distance, which grows towards the vanishing point). Candidates are tried from mid-distance
+    outwards; the first that lies >= 85 % on building pixels wins, else the best-covered one.
+    """
+    h, w = label.shape
+    bld = label == BUILDING
+    left = bld[:, : w // 2].sum() >= bld[:, w // 2:].sum()
+    vx, vy = vanishing_point(label)
+    best, best_cov = None, 0.0
+    for frac in (0.18, 0.12, 0.24, 0.06, 0.30):
+        xn = w * frac if left else w * (1 - frac)
+        col = bld[:, int(np.clip(xn, 0, w - 1))]
+        if not col.any() or abs(vx - xn) < 40:
+            continue
+        hn = near_scale * abs(vx - xn)
+        yb = float(np.nonzero(col)[0].max()) - 0.15 * hn      # just above the facade's base line
+        yt = yb - hn
+        xf = xn + (0.9 * hn if left else -0.9 * hn)
+        if (left and xf >= vx - 10) or (not left and xf <= vx + 10) or yt < 0:
+            continue
+        s = (xf - vx) / (xn - vx)                              # far-edge scale along lines to the VP
+        quad = np.array([[xn, yt], [xf, vy + (yt - vy) * s], [xf, vy + (yb - vy) * s], [xn, yb]])
+        if not left:
+            quad = quad[[1, 0, 3, 2]]                            # keep TL, TR, BR, BL order
+        if not convex(quad):
+            continue
+        inside = quad_fill(quad, (h, w))
+        cov = float(bld[inside].mean()) if inside.any() else 0.0
+        if cov >= 0.85:
+            return quad
+        if cov > best_cov:
+            best, best_cov = quad, cov
+    return best if best_cov >= 0.5 else None
+
+
+def track_quad(prev_rgb: np.ndarray, rgb: np.ndarray, prev_label: np.ndarray, quad: Quad,
+               min_inliers: int) -> Optional[Quad]:
+    """The quad moved by the facade homography between two clean frames; None when tracking fails."""
+    h, w = prev_label.shape
+    g0 = cv2.cvtColor(prev_rgb, cv2.COLOR_RGB2GRAY)
+    g1 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    x0, y0 = np.floor(quad.min(0) - 60).astype(int)
+    x1, y1 = np.ceil(quad.max(0) + 60).astype(int)
+    roi = np.zeros((h, w), np.uint8)
+    roi[max(y0, 0): max(y1, 0), max(x0, 0): max(x1, 0)] = 255
+    roi[prev_label != BUILDING] = 0
+    p0 = cv2.goodFeaturesToTrack(g0, maxCorners=300, qualityLevel=0.01, minDistance=5, mask=roi)
+    if p0 is None or len(p0) < min_inliers:
+        return None
+    p1, st, _ = cv2.calcOpticalFlowPyrLK(g0, g1, p0, None, winSize=(21, 21), maxLevel=3)
+    back, st2, _ = cv2.calcOpticalFlowPyrLK(g1, g0, p1, None, winSize=(21, 21), maxLevel=3)
+    ok = (st.ravel() == 1) & (st2.ravel() == 1) & (np.linalg.norm((back - p0).reshape(-1, 2), axis=1) < 1.0)
+    if ok.sum() < min_inliers:
+        return None
+    hom, inl = cv2.findHomography(p0[ok], p1[ok], cv2.RANSAC, 2.0)
+    if hom is None or inl is None or int(inl.sum()) < min_inliers:
+        return None
+    moved = cv2.perspectiveTransform(quad.reshape(1, 4, 2).astype(np.float64), hom).reshape(4, 2)
+    return moved if convex(moved) else None
+
+
+def poster_ok(quad: Quad, label: np.ndarray, area0: float) -> bool:
+    """Still a usable poster: mostly in frame, on the facade, not grown past 3x its first size."""
+    h, w = label.shape
+    inside = quad_fill(quad, (h, w))
+    area = quad_area(quad)
+    if area <= 0 or inside.sum() < 0.7 * area or area > 3.0 * area0:
+        return False
+    return float((label[inside] == BUILDING).mean()) >= 0.4
+
+
+class DemoSource(Source):
+    """CamVid frames with the poster composited on the patched segment; ``gt_mask`` on every frame."""
+
+    live = False
+
+    def __init__(self, cfg: DemoConfig = DemoConfig(), data: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.view, _ = open_sequence(cfg.sequence, cfg.split, data)
+        path = cfg.patch_path()
+        if not path.is_file():
+            raise SourceError(f"demo patch {path} not found (pass --patch PNG)")
+        self.patch, _ = load_patch_png(path)
+        numbers = self.view.frames
+        self.name = f"demo-{cfg.sequence}"
+        self.length = len(numbers)
+        step = float(np.median(np.diff(numbers))) if len(numbers) > 1 else CAMVID_VIDEO_FPS
+        self.fps = CAMVID_VIDEO_FPS / max(step, 1.0)
+        self._first = numbers[0]
+        self.posters = 0                      # posters placed so far (respawns + 1)
+        self.quads: List[Optional[Quad]] = []
+
+    def _composite(self, img: np.ndarray, label: np.ndarray, quad: Quad) -> Tuple[np.ndarray, np.ndarray]:
+        """Render the captured patch onto the quad (only inside its bounding box, for speed)."""
+        h, w = label.shape
+        x0, y0 = np.clip(np.floor(quad.min(0)).astype(int) - 2, 0, None)
+        x1, y1 = np.minimum(np.ceil(quad.max(0)).astype(int) + 2, (w, h))
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return img, np.zeros((h, w), bool)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.posters)
+        crop = torch.from_numpy(img[y0:y1, x0:x1]).permute(2, 0, 1)[None].float().div(255)
+        q = torch.from_numpy(quad - np.array([x0, y0], np.float64))[None]
+        patched, mask = render_quads(crop, self.patch, q, capture_config(), gen)
+        out = patched[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
+        m = np.zeros((h, w), bool)
+        m[y0:y1, x0:x1] = mask[0, 0].numpy() > 0.5
+        if self.cfg.occlude:
+            m &= ~np.isin(label, OCCLUDERS)
+        img = img.copy()
+        img[y0:y1, x0:x1][m[y0:y1, x0:x1]] = out[m[y0:y1, x0:x1]]
+        return img, m
+
+    def __iter__(self) -> Iterator[Frame]:
+        quad: Optional[Quad] = None
+        area0 = 0.0
+        prev: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        for k, (number, img, lab) in enumerate(self.view):
+            gt = np.zeros(lab.shape, bool)
+            shown = img
+            if self.cfg.patched(k):
+                if quad is not None and prev is not None:
+                    quad = track_quad(prev[0], img, prev[1], quad, self.cfg.min_inliers)
+                if quad is None or not poster_ok(quad, lab, area0):
+                    quad = place_poster(lab, self.cfg.poster_scale)
+                    if quad is not None:
+                        self.posters += 1
+                        area0 = quad_area(quad)
+                if quad is not None:
+                    shown, gt = self._composite(img, lab, quad)
+            else:
+                quad = None
+            self.quads.append(None if quad is None else quad.copy())
+            prev = (img, lab)
+            yield Frame(index=k, image=np.ascontiguousarray(shown),
+                        timestamp=(number - self._first) / CAMVID_VIDEO_FPS, gt_mask=gt, label=lab,
+                        meta={"camvid_frame": int(number), "patched": bool(gt.any())})

@@ -1,0 +1,115 @@
+"""Temporal voting: k-of-n raise, m-to-clear hysteresis, mask propagation ring, CLI parsing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from realtime.voting import TemporalVoter, VotingConfig, simulate
+
+
+def _mask(y0: int, x0: int, size: int = 4, hw=(32, 32)) -> torch.Tensor:
+    m = torch.zeros(1, 1, *hw)
+    m[..., y0:y0 + size, x0:x0 + size] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("text,expect", [("3/5", (3, 5, 5, True)), ("2/4/7", (2, 4, 7, True)),
+                                         ("off", (1, 1, 1, False)), (" 1/1 ", (1, 1, 5, True))])
+def test_parse(text, expect):
+    cfg = VotingConfig.parse(text)
+    assert (cfg.k, cfg.n, cfg.m, cfg.enabled) == expect
+
+
+def test_parse_clear_override_and_errors():
+    assert VotingConfig.parse("3/5", clear=2).m == 2
+    assert VotingConfig.parse("3/5/4", clear=9).m == 9
+    for bad in ("3", "a/b", "6/5", "0/5", "1/2/3/4", "3/5/0"):
+        with pytest.raises(ValueError):
+            VotingConfig.parse(bad)
+
+
+def test_raise_needs_k_of_last_n():
+    cfg = VotingConfig(k=3, n=5, m=2, propagate=False)
+    # 2 positives, then spread-out positives that never reach 3 within 5 frames: no alarm
+    assert not any(simulate([1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0], cfg))
+    alarms = simulate([1, 0, 1, 0, 1, 1], cfg)
+    assert alarms == [False, False, False, False, True, True]     # 3rd positive within 5 frames
+
+
+def test_hysteresis_clear_after_m_consecutive_negatives():
+    cfg = VotingConfig(k=2, n=3, m=3, propagate=False)
+    flags = [1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0]
+    alarms = simulate(flags, cfg)
+    # raised at frame 1; isolated negatives (2, 4-5) do not clear; three in a row (7-9) do
+    assert alarms == [False, True, True, True, True, True, True, True, True, False, False]
+
+
+def test_cleared_window_is_not_reused_for_a_new_alarm():
+    cfg = VotingConfig(k=3, n=5, m=1, propagate=False)
+    v = TemporalVoter(cfg)
+    states = [v.update(bool(f)) for f in [1, 1, 1, 0, 1]]
+    assert [s.alarm for s in states] == [False, False, True, False, False]
+    assert states[2].raised and states[3].cleared and v.raises == 1
+    assert v.update(True).alarm is False          # 2 fresh positives only
+    assert v.update(True).alarm is True and v.raises == 2
+
+
+def test_disabled_voting_is_per_frame():
+    cfg = VotingConfig.parse("off")
+    assert simulate([0, 1, 0, 1, 1, 0], cfg) == [False, True, False, True, True, False]
+
+
+def test_no_propagation_before_the_alarm():
+    v = TemporalVoter(VotingConfig(k=2, n=3, m=2, mask_window=2, dilate=0))
+    v.update(True, _mask(0, 0))
+    assert v.propagated() is None                 # a single detection never masks later frames
+    v.update(True, _mask(10, 10))
+    p = v.propagated()
+    assert p is not None and p.shape == (1, 1, 32, 32)
+    assert p[0, 0, 0, 0] == 1 and p[0, 0, 10, 10] == 1 and p.sum() == 32  # union of both masks
+
+
+def test_propagated_mask_is_dilated_and_expires():
+    v = TemporalVoter(VotingConfig(k=1, n=1, m=5, mask_window=2, dilate=2))
+    v.update(True, _mask(10, 10))
+    p = v.propagated()
+    assert p.sum() == (4 + 4) ** 2 and p[0, 0, 8, 8] == 1 and p[0, 0, 7, 7] == 0
+    s = v.update(False, None, carried=True)       # masked first pass was clean: carried, votes positive
+    assert s.vote and s.alarm and v.propagated() is not None
+    v.update(False, None, carried=True)           # the detection is now mask_window frames old
+    assert v.propagated() is None
+
+
+def test_carried_frames_hold_the_alarm_but_clean_frames_clear_it():
+    v = TemporalVoter(VotingConfig(k=2, n=2, m=2, mask_window=1, dilate=0))
+    v.update(True, _mask(0, 0))
+    assert v.update(True, _mask(0, 0)).raised
+    assert v.update(False, None, carried=True).alarm
+    assert v.update(False).alarm                   # one clean frame: hysteresis holds
+    s = v.update(False)
+    assert s.cleared and not s.alarm and v.propagated() is None
+
+
+def test_no_propagation_when_disabled():
+    v = TemporalVoter(VotingConfig(k=1, n=1, m=1, propagate=False))
+    v.update(True, _mask(0, 0))
+    assert v.alarm and v.propagated() is None
+
+
+def test_tune_ranks_quiet_fast_configs_first(tmp_path):
+    from realtime.voting import evaluate, main, tune
+    clean = [[0, 1, 0, 0, 1, 1, 0, 0, 0, 0] * 3]                  # pairs of stray detections
+    patched = [([0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1], 3)]
+    best, r = tune(clean, patched, max_n=4)[0]
+    assert r["false_alarms_per_1000"] == 0 and (best.k, best.n) == (3, 3)
+    assert r["frames_to_alarm_mean"] == 2
+    loud = evaluate(clean, patched, VotingConfig(k=1, n=1, m=1))
+    assert loud["false_alarms_per_1000"] == pytest.approx(1000 * 6 / 30) and loud["frames_to_alarm_mean"] == 0
+    ev = tmp_path / "c.jsonl"
+    ev.write_text("\n".join('{"type":"frame","flagged":%s,"score":0.1}' % ("true" if f else "false")
+                            for f in clean[0]))
+    pe = tmp_path / "p.jsonl"
+    pe.write_text("\n".join('{"type":"frame","flagged":%s,"score":0.1,"gt_patch":%s}'
+                            % ("true" if f else "false", "true" if i >= 3 else "false")
+                            for i, f in enumerate(patched[0][0])))
+    assert main(["--clean", str(ev), "--patched", str(pe), "--max-n", "3", "--top", "2"]) == 0
