@@ -16,7 +16,7 @@ $(STAMP): requirements/cpu.txt setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m realtime.demo --output outputs/demo.mp4
+	$(BIN)/python -m realtime.run --source demo --max-frames 100 --output outputs/demo.mp4 --events outputs/events.jsonl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
