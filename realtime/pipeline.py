@@ -149,21 +149,17 @@ class ZMaskEngine:
         self.zm, self.voter = zm, TemporalVoter(voting)
         self.clock, self.fail_closed, self.audit = Clock(device), fail_closed, audit
 
-    def _first_pass(self, x: torch.Tensor, st: Dict[str, float]) -> Tuple[Any, bool, torch.Tensor]:
-        """Backbone with taps then heatmaps/fusion: (output, flagged, masked-region (1,1,H,W))."""
+    def _first_pass(self, x: torch.Tensor, st: Dict[str, float]) -> Tuple[Any, bool, torch.Tensor, float]:
+        """Backbone with taps, then ZMask.detect, timed apart: (output, flagged, masked region (1,1,H,W), d)."""
         zm = self.zm
         validate_input(x, zm.cfg.check_finite)
         t0 = self.clock()
         out, taps = zm.taps(x)
         t1 = self.clock()
-        h_s, h_d = zm.heatmaps(taps)
-        soft, score = zm.fusion(h_s, h_d)
-        flagged = score > zm.cfg.lambda0
-        keep = zm.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
+        det = zm.detect(taps, (x.shape[-2], x.shape[-1]))
         st["backbone"] = st.get("backbone", 0.0) + t1 - t0
         st["defense"] = st.get("defense", 0.0) + self.clock() - t1
-        st["_score"] = float(score[0])
-        return out, bool(flagged[0]), 1.0 - keep
+        return out, bool(det.flagged[0]), 1.0 - det.mask, float(det.score[0])
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor) -> StepResult:
@@ -177,8 +173,7 @@ class ZMaskEngine:
         zm = self.zm
         prop = self.voter.propagated()
         x1 = zm.shield(x, 1.0 - prop) if prop is not None else x
-        out, flagged, fresh = self._first_pass(x1, st)
-        score = st.pop("_score")
+        out, flagged, fresh, score = self._first_pass(x1, st)
         raw_flagged = None
         if self.audit and prop is not None:
             aud: Dict[str, float] = {}
@@ -205,7 +200,6 @@ class ZMaskEngine:
 
     def _failed(self, x: torch.Tensor, st: Dict[str, float], exc: Exception) -> StepResult:
         msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        st.pop("_score", None)
         alarm = self.voter.alarm
         if self.fail_closed:
             return StepResult(label=None, unsafe=True, error=msg, alarm=alarm, stages=st)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from realtime import run as cli
+from realtime.defenses import Detection
 from realtime.pipeline import PipelineConfig, StepResult, ZMaskEngine, run_pipeline
 from realtime.sources import Frame, Source
 from realtime.voting import VotingConfig
@@ -123,6 +124,12 @@ class StubZMask:
 
     def input_mask(self, soft, flagged, size):
         return 1.0 - ((soft > 0.5) & flagged.view(-1, 1, 1, 1)).float()
+
+    def detect(self, taps, size):             # same composition as ZMask.detect, over the stub's pieces
+        h_s, h_d = self.heatmaps(taps)
+        soft, score = self.fusion(h_s, h_d)
+        flagged = score > self.cfg.lambda0
+        return Detection(h_s, h_d, soft, score, flagged, self.input_mask(soft, flagged, size))
 
     def shield(self, x, keep):
         return x * keep + 0.5 * (1.0 - keep)

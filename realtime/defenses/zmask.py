@@ -8,7 +8,7 @@ colour (the same as zeroing in normalised space) and only those frames go throug
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -76,6 +76,16 @@ class ZMaskResult:
     defended_output: Any = None      # second-pass output for flagged frames, first-pass otherwise;
                                      # None from ``analyse`` (no second pass)
     taps: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # the hooked maps used
+
+
+class Detection(NamedTuple):
+    """What the defense computes from one pass's taps (see ``ZMask.detect``)."""
+    h_s: torch.Tensor
+    h_d: torch.Tensor
+    soft_mask: torch.Tensor
+    score: torch.Tensor
+    flagged: torch.Tensor
+    mask: torch.Tensor
 
 
 def validate_input(x: Any, check_finite: bool = True) -> torch.Tensor:
@@ -197,18 +207,25 @@ class ZMask(nn.Module):
         m = mask.to(x.dtype)
         return x * m + fill * (1.0 - m)
 
+    def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Detection:
+        """The defense proper, from one pass's taps: heatmaps, fusion, score, flags, keep-mask at ``size``.
+
+        Split from ``analyse`` so callers that time the backbone and the defense separately (the live
+        pipeline) run exactly the same steps."""
+        h_s, h_d = self.heatmaps(taps)
+        soft, score = self.fusion(h_s, h_d)
+        flagged = score.detach() > self.cfg.lambda0
+        return Detection(h_s, h_d, soft, score, flagged, self.input_mask(soft, flagged, size))
+
     def analyse(self, x: torch.Tensor) -> ZMaskResult:
         """First pass, heatmaps, soft mask, score, flags and the shielded input (no second pass).
 
         Differentiable from ``x`` to ``soft_mask``/``score`` when grad is enabled."""
         validate_input(x, self.cfg.check_finite)
         out, taps = self.taps(x)
-        h_s, h_d = self.heatmaps(taps)
-        soft, score = self.fusion(h_s, h_d)
-        flagged = score.detach() > self.cfg.lambda0
-        mask = self.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
-        return ZMaskResult(output=out, h_s=h_s, h_d=h_d, soft_mask=soft, score=score, flagged=flagged,
-                           mask=mask, defended_input=self.shield(x, mask), taps=taps)
+        det = self.detect(taps, (x.shape[-2], x.shape[-1]))
+        return ZMaskResult(output=out, h_s=det.h_s, h_d=det.h_d, soft_mask=det.soft_mask, score=det.score,
+                           flagged=det.flagged, mask=det.mask, defended_input=self.shield(x, det.mask), taps=taps)
 
     def forward(self, x: torch.Tensor) -> ZMaskResult:
         """``analyse`` plus the second pass on the flagged frames only."""
@@ -239,5 +256,5 @@ def fit_channel_stats(maps: Sequence[Dict[str, torch.Tensor]], cfg: SPRConfig) -
     return ChannelStats(mu, sigma)
 
 
-__all__ = ["ChannelStats", "ZMask", "ZMaskConfig", "ZMaskResult", "fit_channel_stats", "merge_batch",
+__all__ = ["ChannelStats", "Detection", "ZMask", "ZMaskConfig", "ZMaskResult", "fit_channel_stats", "merge_batch",
            "validate_input"]
