@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from calibration.stats import LayerStatsAccumulator
 from realtime.defenses import ActivationTaps, ChannelStats, SPRConfig
-from realtime.defenses.spr import layer_heatmap, to_work
+from realtime.defenses.spr import spr_heatmap, to_work, zscore
 
 
 def batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -64,7 +64,7 @@ def layer_heatmaps(model: torch.nn.Module, layers: Sequence[str], images: torch.
         for _, x in tqdm(batches(images, batch_size, dev), total=n, desc=desc, unit="batch", disable=not progress):
             _, maps = taps(x)
             for k in layers:
-                f = maps[k].float()
-                out_s[k].append(layer_heatmap(f, st.mu[k], st.sigma[k], cfg.kernels_shallow, cfg).cpu())
-                out_d[k].append(layer_heatmap(f, st.mu[k], st.sigma[k], cfg.kernels_deep, cfg).cpu())
+                z = zscore(to_work(maps[k].float(), cfg), st.mu[k], st.sigma[k])     # once for both kernel sets
+                out_s[k].append(spr_heatmap(z, cfg.kernels_shallow, cfg.mode).cpu())
+                out_d[k].append(spr_heatmap(z, cfg.kernels_deep, cfg.mode).cpu())
     return LayerHeatmaps({k: torch.cat(v) for k, v in out_s.items()}, {k: torch.cat(v) for k, v in out_d.items()})
