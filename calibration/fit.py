@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
 from calibration.select_layers import mask_to_work, pick_layers, rank_layers, ranking_markdown
-from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.cli import run_job, write_json
 from realtime.attacks import CaptureConfig
 from realtime.data import CamVid
 from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
@@ -152,13 +151,7 @@ def fit(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = fit(args)
-    except USER_ERRORS as exc:
-        return report_error(exc)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job(fit, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from realtime.data import DataNotFoundError
 
@@ -25,3 +25,13 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
     return path
+
+
+def run_job(job: Callable[[Any], Any], args: Any) -> int:
+    """``job(args)``; print its result as JSON and return 0, or report a user error and return 2."""
+    try:
+        result = job(args)
+    except USER_ERRORS as exc:
+        return report_error(exc)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -9,7 +9,6 @@ as the main job; the demo already runs on the same models and data.)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -18,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.metrics import ConfusionMatrix
-from realtime.cli import USER_ERRORS, report_error
+from realtime.cli import run_job
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.devices import pick_device
 from realtime.models import build_model, list_models
@@ -70,13 +69,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except USER_ERRORS as exc:
-        return report_error(exc)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_job(run, parse_args(argv))
 
 
 if __name__ == "__main__":
