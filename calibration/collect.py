@@ -11,7 +11,7 @@ from typing import Dict, Iterator, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from calibration.stats import LayerStatsAccumulator
+from realtime.defenses.stats import LayerStatsAccumulator
 from realtime.defenses import ActivationTaps, ChannelStats, SPRConfig
 from realtime.defenses.spr import spr_heatmap, to_work, zscore
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from calibration.roc import roc_report, threshold_for_fpr
-from calibration.stats import LayerStatsAccumulator, RunningChannelStats
+from realtime.defenses.stats import LayerStatsAccumulator, RunningChannelStats
 
 
 def test_streaming_stats_equal_pooled_stats_any_batching():

@@ -15,6 +15,7 @@ from torch import nn
 
 from .fusion import FusionBlock
 from .spr import SPRConfig, aggregate, cascade, pooled_map, resize, to_work, zscore
+from .stats import LayerStatsAccumulator
 from .taps import ActivationTaps, EngineTaps
 
 Taps = Union[ActivationTaps, EngineTaps]
@@ -242,17 +243,14 @@ class ZMask(nn.Module):
 def fit_channel_stats(maps: Sequence[Dict[str, torch.Tensor]], cfg: SPRConfig) -> ChannelStats:
     """Pooled per-channel mean/std over all pixels of all given tap dicts, at the working size.
 
-    A small exact helper (tests, quick experiments); streaming calibration lives elsewhere.
+    The same estimator calibration streams over a dataset (``LayerStatsAccumulator``), for maps at hand.
     """
     if not maps:
         raise ValueError("fit_channel_stats needs at least one batch of taps")
-    mu: Dict[str, torch.Tensor] = {}
-    sigma: Dict[str, torch.Tensor] = {}
-    for name in maps[0]:
-        w = torch.cat([to_work(m[name].detach().float(), cfg) for m in maps], dim=0)
-        flat = w.transpose(0, 1).reshape(w.shape[1], -1)
-        mu[name] = flat.mean(dim=1)
-        sigma[name] = flat.std(dim=1, unbiased=False)
+    acc = LayerStatsAccumulator()
+    for m in maps:
+        acc.update({name: to_work(t.detach().float(), cfg) for name, t in m.items()})
+    mu, sigma = acc.result()
     return ChannelStats(mu, sigma)
 
 

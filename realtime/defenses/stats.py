@@ -1,4 +1,4 @@
-"""Streaming per-channel statistics of tapped feature maps on clean frames.
+"""Streaming per-channel statistics of tapped feature maps on clean frames (Z-Mask's mu/sigma).
 
 Estimator: the pooled dataset mean and standard deviation over every pixel of every frame (at the
 working size), merged batch by batch with Chan et al.'s parallel update of (count, mean, M2) in
