@@ -24,7 +24,7 @@ from realtime.data import CamVid
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
-from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, random_patch, save_patch_png
+from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, load_patch_png, random_patch, save_patch_png
 from .eot import EOTConfig, craft_universal_patch
 
 
@@ -67,6 +67,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="Adv-Mask / Adv-Flag against Z-Mask with weight --alpha on L_adv (needs --calibration)")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--calibration", default=None, help="Z-Mask artifact: statistics, layers, fusion, lambda0")
+    p.add_argument("--init", default=None, help="start from this patch PNG (same size) instead of noise")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt if present")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -137,8 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg.beta = weight
             meta.update(beta=args.beta, defense_aware=args.defense_aware,
                         alpha=args.alpha if args.defense_aware else None, calibration=str(args.calibration))
+        init = None
+        if args.init:
+            init = load_patch_png(args.init)[0]
+            meta.update(init=str(args.init))
         patch, history = craft_universal_patch(target, images, labels, cfg, dev, progress=not args.quiet,
-                                               checkpoint=ckpt, extra_loss=extra)
+                                               checkpoint=ckpt, extra_loss=extra, init=init)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

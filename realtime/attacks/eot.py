@@ -157,13 +157,14 @@ def _save_checkpoint(path: Path, cfg: EOTConfig, patch: torch.Tensor, opt: torch
 
 def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, labels_u8: torch.Tensor,
                           cfg: EOTConfig, device: torch.device | str, progress: bool = True,
-                          checkpoint: Optional[Path] = None, extra_loss: Optional[ExtraLoss] = None
-                          ) -> Tuple[torch.Tensor, List[Dict]]:
+                          checkpoint: Optional[Path] = None, extra_loss: Optional[ExtraLoss] = None,
+                          init: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[Dict]]:
     """Optimise one universal patch over ``images_u8`` (N,3,H,W) / ``labels_u8`` (N,H,W).
 
     ``extra_loss(patched, mask, logits) -> scalar`` enters with weight ``1 - beta`` (beta-controlled and
     defense-aware attacks). ``checkpoint``: resumed from when it exists, rewritten every
-    ``cfg.checkpoint_every`` steps and at the end. Returns (patch (3,h,w) in [0,1] on CPU, per-step history).
+    ``cfg.checkpoint_every`` steps and at the end. ``init`` (3,h,w) in [0,1]: start from this patch
+    instead of noise (warm-starting a defense-aware attack from a crafted EOT patch). Returns (patch (3,h,w) in [0,1] on CPU, per-step history).
     """
     if extra_loss is None and cfg.beta != 1.0:
         raise ValueError("beta < 1 weights an extra loss, but no extra_loss was given")
@@ -173,7 +174,12 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
         raise ValueError(f"need matching non-empty images/labels, got {n} and {labels_u8.shape[0]}")
     hw = cfg.patch_hw(tuple(images_u8.shape[-2:]))
     gen = torch.Generator().manual_seed(cfg.seed)
-    patch = torch.rand(3, *hw, generator=gen).to(device).requires_grad_(True)
+    patch = torch.rand(3, *hw, generator=gen)
+    if init is not None:
+        if tuple(init.shape) != (3, *hw):
+            raise ValueError(f"init patch has shape {tuple(init.shape)}, expected (3, {hw[0]}, {hw[1]})")
+        patch = init.detach().float().clamp(0, 1).clone()
+    patch = patch.to(device).requires_grad_(True)
     opt = torch.optim.Adam([patch], lr=cfg.lr)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():

@@ -1,0 +1,76 @@
+"""One interface for every defense, so the pipeline and the benchmarks treat them alike.
+
+A defense is called on an image batch ``x`` (N,3,H,W) in [0,1] and returns a ``DefenseResult``:
+the model output on the defended input, that input, and — depending on what the defense can do —
+a keep-mask (pre-processing / localising defenses), a per-frame flag and a score (detectors).
+``masks`` / ``flags`` say which of these a defense provides; the others are ``None``.
+
+Stage times: every defense accepts an optional ``timer``; ``with timer("backbone"): ...`` wraps each
+stage so a benchmark can time them (synchronising the GPU as it sees fit) without the defense
+knowing about clocks. Stage names in use: preprocess (input-side work such as LGS's gradient
+map), saliency (extra backward passes), backbone (first model pass, with taps), heatmaps, fusion,
+mask (mask + repaint), detector (a separate detection network or score), second_pass (the model on
+the defended input), postprocess.
+"""
+from __future__ import annotations
+
+import abc
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Optional
+
+import torch
+from torch import nn
+
+from .zmask import validate_input
+
+StageTimer = Callable[[str], AbstractContextManager]
+
+
+def null_timer(_stage: str) -> AbstractContextManager:
+    """The default timer: times nothing."""
+    return nullcontext()
+
+
+@dataclass
+class DefenseResult:
+    """What one defense call produced. Masks: 1 = pixel kept, 0 = masked / repainted / suppressed."""
+    output: Any                                   # model output on ``defended_input`` (what downstream uses)
+    defended_input: torch.Tensor                  # (N,3,H,W) input of the final model pass
+    mask: Optional[torch.Tensor] = None           # (N,1,H,W) float keep-mask; None if the defense never masks
+    flagged: Optional[torch.Tensor] = None        # (N,) bool attack flag; None if the defense never flags
+    score: Optional[torch.Tensor] = None          # (N,) float, higher = more likely attacked
+    first_output: Any = None                      # output of an undefended first pass, when one ran
+    extras: Dict[str, Any] = field(default_factory=dict)   # defense-specific maps (heatmaps, saliency...)
+
+
+class Defense(abc.ABC):
+    """Base class: subclasses set ``name``, ``masks``, ``flags`` and implement ``run``."""
+    name: ClassVar[str] = "defense"
+    masks: ClassVar[bool] = False     # produces a pixel keep-mask
+    flags: ClassVar[bool] = False     # produces a per-frame flag and score
+    needs_grad: ClassVar[bool] = False  # runs backward passes through the model (no engines, no inference_mode)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abc.abstractmethod
+    def run(self, x: torch.Tensor, timer: StageTimer) -> DefenseResult:
+        """Defend a validated batch; wrap each stage in ``timer(stage)``."""
+
+    def __call__(self, x: torch.Tensor, timer: Optional[StageTimer] = None) -> DefenseResult:
+        validate_input(x)
+        return self.run(x, timer or null_timer)
+
+    def describe(self) -> Dict[str, Any]:
+        """Settings worth recording next to results (subclasses extend)."""
+        return {"defense": self.name, "masks": self.masks, "flags": self.flags}
+
+
+def repaint(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``x * keep + fill * (1 - keep)``; ``keep`` (N,1,H,W) in [0,1], ``fill`` broadcastable to x."""
+    k = keep.to(dtype=x.dtype, device=x.device)
+    return x * k + fill.to(dtype=x.dtype, device=x.device) * (1.0 - k)
+
+
+__all__ = ["Defense", "DefenseResult", "StageTimer", "null_timer", "repaint"]

@@ -1,0 +1,89 @@
+"""Defense registry: ``build_defense(name, ctx)`` for every defense, so ``--defense NAME`` works uniformly.
+
+Each defense module registers a builder ``fn(ctx: DefenseContext, **options) -> Defense`` with
+``@register_defense("name")``. The built-in modules are imported on first use (not at package import,
+which keeps ``import realtime.defenses`` light and free of cycles).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .base import Defense
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Modules whose import registers the built-in defenses.
+BUILTIN_MODULES = (
+    "realtime.defenses.zmask_defense",      # zmask, none
+    "realtime.defenses.lgs",                # lgs, slgs, wlgs
+    "realtime.defenses.overactivation",     # fpda, hn
+    "realtime.defenses.patchzero",          # patchzero
+    "realtime.defenses.taintradar",         # taintradar
+)
+
+Builder = Callable[..., Defense]
+_REGISTRY: Dict[str, Builder] = {}
+
+
+@dataclass
+class DefenseContext:
+    """What a builder may need: the model (and its registry name), device, data and artifact paths.
+
+    ``calibration``: a Z-Mask artifact (default ``calibration/shipped/<model_name>.safetensors``);
+    ``artifacts``: folder of other shipped per-model artifacts (thresholds, PatchZero weights);
+    ``data``: CamVid root for defenses that fit something on clean frames (None: the default lookup);
+    ``engine``: a runtime from ``engines`` (``engine(x) -> (out, taps)``, ``engine.plain(x)``) that
+    forward-only defenses run instead of the module (gradient-based ones always use ``model``).
+    """
+    model: nn.Module
+    model_name: str
+    engine: Optional[Any] = None
+    device: torch.device = torch.device("cpu")
+    calibration: Optional[Path] = None
+    artifacts: Path = REPO / "calibration" / "shipped"
+    data: Optional[str] = None
+
+    def calibration_path(self) -> Path:
+        return Path(self.calibration) if self.calibration else self.artifacts / f"{self.model_name}.safetensors"
+
+    def forward(self) -> Callable[[torch.Tensor], Any]:
+        """The plain forward pass: the engine's when one is set, else the module's."""
+        return self.engine.plain if self.engine is not None else self.model
+
+
+def register_defense(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``fn`` as the builder of defense ``name`` (names are unique)."""
+    def deco(fn: Builder) -> Builder:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"defense {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+def list_defenses() -> List[str]:
+    """Registered defense names, ``none`` first, then alphabetical."""
+    _load_builtins()
+    return sorted(_REGISTRY, key=lambda n: (n != "none", n))
+
+
+def build_defense(name: str, ctx: DefenseContext, **options: Any) -> Defense:
+    """Build defense ``name`` for ``ctx.model``; unknown names list the known ones."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown defense {name!r}; available: {', '.join(list_defenses())}")
+    return _REGISTRY[name](ctx, **options)
+
+
+__all__ = ["BUILTIN_MODULES", "DefenseContext", "build_defense", "list_defenses", "register_defense"]

@@ -1,0 +1,92 @@
+"""Z-Mask and the bare model behind the common defense interface (``zmask``, ``none``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+
+from .base import Defense, DefenseResult, StageTimer
+from .registry import DefenseContext, register_defense
+from .zmask import ZMask, merge_batch
+
+
+class NoDefense(Defense):
+    """The bare backbone: the baseline every other defense is compared with."""
+    name = "none"
+
+    def __init__(self, model: Any, forward: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
+        super().__init__(model)
+        self.forward = forward or model
+
+    def run(self, x: torch.Tensor, timer: StageTimer) -> DefenseResult:
+        with timer("backbone"):
+            out = self.forward(x)
+        return DefenseResult(output=out, defended_input=x, first_output=out)
+
+
+class ZMaskDefense(Defense):
+    """``ZMask`` split into its stages: backbone with taps, heatmaps, fusion, mask, second pass.
+
+    The second pass runs on the flagged frames only, as in ``ZMask.forward``.
+    """
+    name = "zmask"
+    masks = True
+    flags = True
+
+    def __init__(self, zm: ZMask) -> None:
+        super().__init__(getattr(zm.taps, "model", zm))
+        self.zm = zm
+
+    def run(self, x: torch.Tensor, timer: StageTimer) -> DefenseResult:
+        zm = self.zm
+        with timer("backbone"):
+            out, taps = zm.taps(x)
+        with timer("heatmaps"):
+            h_s, h_d = zm.heatmaps(taps)
+        with timer("fusion"):
+            soft, score = zm.fusion(h_s, h_d)
+            flagged = score.detach() > zm.cfg.lambda0
+        with timer("mask"):
+            keep = zm.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
+            xd = zm.shield(x, keep)
+        final = out
+        with timer("second_pass"):
+            index = torch.nonzero(flagged, as_tuple=False).flatten()
+            if index.numel():
+                second = zm.taps.plain(xd.index_select(0, index))
+                final = merge_batch(out, second, index, x.shape[0])
+        return DefenseResult(output=final, defended_input=xd, mask=keep, flagged=flagged, score=score,
+                             first_output=out, extras={"h_s": h_s, "h_d": h_d, "soft_mask": soft})
+
+    def describe(self) -> Dict[str, Any]:
+        cfg = self.zm.cfg
+        return {**super().describe(), "shallow": list(cfg.shallow), "deep": list(cfg.deep),
+                "lambda0": cfg.lambda0, "work_size": list(cfg.spr.work_size)}
+
+
+@register_defense("none")
+def _build_none(ctx: DefenseContext) -> Defense:
+    return NoDefense(ctx.model, ctx.forward())
+
+
+@register_defense("zmask")
+def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask_options: Any) -> Defense:
+    """Z-Mask from the calibration artifact (fingerprint checked); ``threshold`` overrides lambda0."""
+    from calibration.artifact import load_calibration   # calibration depends on realtime, not the reverse
+    path = ctx.calibration_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
+                                f"`python -m calibration.fit --model {ctx.model_name}`")
+    cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
+    zm = cal.build_zmask(ctx.model)
+    if ctx.engine is not None or zmask_options:
+        # On an engine the taps come out of the engine; ZMask then only needs its cfg/stats/fusion.
+        zm = ZMask(ctx.engine if ctx.engine is not None else zm.taps, zm.cfg, zm.stats, zm.fusion,
+                   **zmask_options)
+    if threshold is not None:
+        zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
+    return ZMaskDefense(zm.eval())
+
+
