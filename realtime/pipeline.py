@@ -122,9 +122,9 @@ def to_label(logits: Any) -> np.ndarray:
 
 
 class PlainEngine:
-    """``--defense none``: the backbone alone (no score, no alarm)."""
+    """``--defense none``: the backbone alone (no score, no alarm); ``model`` is a module or ``engine.plain``."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device) -> None:
         self.model, self.clock = model, Clock(device)
 
     @torch.inference_mode()

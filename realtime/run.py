@@ -10,6 +10,8 @@ examples:
   python -m realtime.run --source drive.mp4 --realtime     # replay paced at the file's fps
   python -m realtime.run --source rtsp://10.0.0.5/live --vote 3/5 --clear 5 --fail-closed
   python -m realtime.run --source camvid:0006R0@train --defense none
+  python -m realtime.run --engine onnxruntime              # same defense, backbone in onnxruntime
+  python -m realtime.run --device cuda --engine tensorrt --precision fp16
 
 defaults: --vote 3/5 --clear 5 --mask-window 3 --dilate 16, chosen on replayed CamVid sequences
 (benchmarks/results/realtime_cpu.md). Propagation masks a frame before the backbone only while the
@@ -22,7 +24,6 @@ exit status: 0 done; 2 bad arguments, source, model or calibration; 3 the source
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -42,10 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from engines import PRECISIONS, list_engines  # noqa: E402
+from realtime.build import UsageError, build_runtime  # noqa: E402
 from realtime.devices import describe, pick_device  # noqa: E402
-from realtime.models import build_model, list_models  # noqa: E402
-from realtime.pipeline import (PipelineConfig, PlainEngine, RunInfo, StepResult, Work,  # noqa: E402
-                               ZMaskEngine, run_pipeline)
+from realtime.models import list_models  # noqa: E402
+from realtime.pipeline import PipelineConfig, RunInfo, StepResult, Work, run_pipeline  # noqa: E402
 from realtime.sinks.display import open_display  # noqa: E402
 from realtime.sinks.events import EventWriter, RunStats, iou, mask_box  # noqa: E402
 from realtime.sinks.video import VideoWriter, annotate  # noqa: E402
@@ -53,11 +55,6 @@ from realtime.sources import Source, SourceError, SourceOptions, open_source, so
 from realtime.voting import VotingConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("torch", "onnxruntime", "tensorrt")
-
-
-class UsageError(Exception):
-    """A one-line problem with the arguments, model or calibration (exit status 2)."""
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -70,7 +67,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
     p.add_argument("--threshold", type=float, default=None,
                    help="per-frame detection threshold on the Z-Mask score (default: the calibration's lambda0)")
-    p.add_argument("--engine", default="torch", choices=ENGINES)
+    p.add_argument("--engine", default="torch", choices=list_engines(),
+                   help="backbone runtime (exported engines are cached under $REALTIME_ENGINE_CACHE, "
+                        "default ~/.cache/zmask-realtime/engines)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="compute precision of the engine (outputs and Z-Mask stay float32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--output", default=None, help="annotated video (default runs/realtime/<source>.mp4; 'none' to skip)")
     p.add_argument("--events", default=None, help="JSON-lines events (default: next to the video)")
@@ -110,34 +111,6 @@ def parse_imgsz(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if h < 32 or w < 32:
         raise UsageError(f"--imgsz {text} is too small (need at least 32x32)")
     return h, w
-
-
-def build_engine(args: argparse.Namespace, device: torch.device, cfg: PipelineConfig
-                 ) -> Tuple[Any, Dict[str, Any], Optional[Tuple[int, int]]]:
-    """The model (and Z-Mask); returns (engine, description, the calibration's input size)."""
-    try:
-        model = build_model(args.model, weights=args.weights, device=device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"cannot load model '{args.model}': {exc}") from None
-    if args.defense == "none":
-        return PlainEngine(model, device), {"defense": "none"}, None
-    from calibration.artifact import load_calibration
-    path = Path(args.calibration) if args.calibration else REPO / "calibration" / "shipped" / f"{args.model}.safetensors"
-    if not path.is_file():
-        raise UsageError(f"calibration {path} not found; make one with `python -m calibration.fit --model "
-                         f"{args.model}` or run with --defense none")
-    try:
-        cal = load_calibration(path, model)
-        zm = cal.build_zmask(model).eval()
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"--calibration {path}: {' '.join(str(exc).split())}") from None
-    if args.threshold is not None:
-        zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(args.threshold))
-    desc = {"defense": "zmask", "calibration": str(path), "lambda0": zm.cfg.lambda0,
-            "calibration_lambda0": cal.config.lambda0, "calibration_fingerprint": cal.fingerprint,
-            "calibration_model": cal.model_name, "voting": cfg.voting.describe()}
-    return (ZMaskEngine(zm, cfg.voting, device, cfg.fail_closed, cfg.audit), desc,
-            tuple(int(v) for v in cal.input_size))
 
 
 class Outputs:
@@ -238,8 +211,6 @@ def output_paths(args: argparse.Namespace, source_name: str) -> Dict[str, Option
 
 def run(args: argparse.Namespace) -> Tuple[int, Dict[str, Any]]:
     """Everything behind the CLI; returns (exit status, summary)."""
-    if args.engine != "torch":
-        raise UsageError(f"--engine {args.engine} is not available yet; use --engine torch")
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
     if args.threads is not None:
@@ -258,8 +229,7 @@ def run(args: argparse.Namespace) -> Tuple[int, Dict[str, Any]]:
                                                    model=args.model, patch=args.patch,
                                                    patch_start=args.patch_start, patch_frames=args.patch_frames))
     try:
-        engine, desc, cal_size = build_engine(args, device, cfg)
-        imgsz = cfg.imgsz or cal_size or (360, 480)
+        engine, desc, imgsz = build_runtime(args, device, cfg)
         cfg = PipelineConfig(**{**cfg.__dict__, "imgsz": imgsz})
         live = source.live or cfg.realtime
         total = min(x for x in (source.length, cfg.max_frames) if x is not None) \

@@ -253,7 +253,7 @@ def test_cli_error_cases(tmp_path, capsys):
     _one_line_error(capsys, ["--source", str(tmp_path / "cut.mp4")] + o, "truncated or not a video")
     _one_line_error(capsys, ["--source", str(gray)] + o, "grayscale")
     _one_line_error(capsys, ["--source", str(odd)] + o, "must share one size")
-    _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--engine", "tensorrt"] + o, "not available yet")
+    _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--engine", "tensorrt"] + o, "is not available")
     _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--vote", "4/3"] + o, "k <= n")
     cal = REPO / "calibration" / "shipped" / "ddrnet23_slim.safetensors"
     if cal.is_file():
