@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .fusion import FusionBlock
-from .spr import SPRConfig, aggregate, cascade, pooled_map, resize, to_work, zscore
+from .spr import SPRConfig, aggregate, cascade, resize, to_work, zscore
+from .spr_fast import pooled_maps
 from .stats import LayerStatsAccumulator
 from .taps import ActivationTaps, EngineTaps
 
@@ -136,8 +137,10 @@ class ZMask(nn.Module):
     """Z-Mask around a model (hooked once) or an engine that returns its own taps."""
 
     def __init__(self, model: Any, cfg: ZMaskConfig, stats: ChannelStats,
-                 fusion: Optional[FusionBlock] = None) -> None:
+                 fusion: Optional[FusionBlock] = None, heatmap_backend: str = "reference") -> None:
         super().__init__()
+        if heatmap_backend not in ("reference", "fused", "auto"):
+            raise ValueError(f"heatmap_backend must be 'reference', 'fused' or 'auto', got {heatmap_backend!r}")
         missing = [n for n in cfg.layers if n not in stats.mu or n not in stats.sigma]
         if missing:
             raise KeyError(f"channel statistics missing for layers {missing}; have {sorted(stats.mu)}")
@@ -155,6 +158,12 @@ class ZMask(nn.Module):
         fill = mc.detach().clone().float() if mc is not None else torch.full((1, 3, 1, 1), 0.5)
         # (1,3,1,1) fill colour in [0,1] for masked pixels: the model's mean colour, else 0.5.
         self.register_buffer("mean_color", fill.reshape(1, 3, 1, 1), persistent=False)
+        # Optional fused CUDA kernels (kernels/backend.py); the reference below stays the CPU path.
+        self.heatmap_backend = heatmap_backend
+        self._fused: Any = None
+        if heatmap_backend != "reference":
+            from kernels.backend import FusedRouter
+            self._fused = FusedRouter(self, heatmap_backend)
 
     def _stat(self, name: str, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mu, sigma = self.stats.mu[name], self.stats.sigma[name]
@@ -165,6 +174,12 @@ class ZMask(nn.Module):
 
     def heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Aggregated (H_S, H_D), each (N,1,HR,WR), from a {layer: feature map} dict."""
+        if self._fused is not None and self._fused.use(taps, with_fusion=False):
+            return self._fused.heatmaps(taps)
+        return self.reference_heatmaps(taps)
+
+    def reference_heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``heatmaps`` in plain torch (differentiable, any device): the oracle of the fused kernels."""
         spr = self.cfg.spr
         missing = [n for n in self.cfg.layers if n not in taps]
         if missing:
@@ -180,8 +195,10 @@ class ZMask(nn.Module):
             z = zscore(to_work(feat, spr), mu, sigma)
             kernels = ((spr.kernels_shallow if name in self.cfg.shallow else ())
                        + (spr.kernels_deep if name in self.cfg.deep else ()))
-            for k in dict.fromkeys(tuple(k) for k in kernels):
-                terms[(name, tuple(k))] = pooled_map(z, k, spr.mode)
+            unique = list(dict.fromkeys(tuple(k) for k in kernels))
+            # All kernels of a layer from shared running sums (spr_fast; equal to spr.pooled_map, tested).
+            for k, p in zip(unique, pooled_maps(z, unique, spr.mode)):
+                terms[(name, k)] = p
         h_s = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_shallow])
                          for n in self.cfg.shallow])
         h_d = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_deep]) for n in self.cfg.deep])
@@ -213,6 +230,8 @@ class ZMask(nn.Module):
 
         Split from ``analyse`` so callers that time the backbone and the defense separately (the live
         pipeline) run exactly the same steps."""
+        if self._fused is not None and self._fused.use(taps, with_fusion=True):
+            return self._fused.detect(taps, size)
         h_s, h_d = self.heatmaps(taps)
         soft, score = self.fusion(h_s, h_d)
         flagged = score.detach() > self.cfg.lambda0
