@@ -1,7 +1,7 @@
 """Segmentation metrics from a confusion matrix accumulated on the device.
 
 The confusion matrix is one ``bincount`` per batch (kept on the GPU, no host sync per frame);
-``tests/test_metrics.py`` checks it against scikit-learn's ``confusion_matrix``.
+``tests/test_losses_metrics.py`` checks it against scikit-learn's ``confusion_matrix``.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def load_model_and_calibration(args: argparse.Namespace, device: torch.device) -
         model = build_model(args.model, weights=args.weights, device=device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise UsageError(f"cannot load model '{args.model}': {exc}") from None
-    if args.defense == "none":
+    if args.defense != "zmask":
         return model, None
     from calibration.artifact import load_calibration
     path = calibration_path(args)
@@ -72,6 +72,20 @@ def make_engine(args: argparse.Namespace, model: torch.nn.Module, layers: Tuple[
     return engine
 
 
+def baseline_runtime(args: argparse.Namespace, model: torch.nn.Module, engine: Any, device: torch.device,
+                     cfg: PipelineConfig) -> Tuple[Any, Dict[str, Any]]:
+    """A registered baseline defense (LGS, PatchZero, FPDA...) on the engine's forward pass."""
+    from realtime.defense_step import DefenseStep
+    from realtime.defenses.registry import DefenseContext, build_defense
+    ctx = DefenseContext(model, args.model, device=device, engine=engine, data=args.data)
+    try:
+        defense = build_defense(args.defense, ctx)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UsageError(f"--defense {args.defense}: {_one_line(exc)}") from None
+    desc = {**defense.describe(), "voting": cfg.voting.describe(), "engine": engine.describe()}
+    return DefenseStep(defense, cfg.voting, device, cfg.fail_closed, plain=engine.plain), desc
+
+
 def build_runtime(args: argparse.Namespace, device: torch.device, cfg: PipelineConfig
                   ) -> Tuple[Any, Dict[str, Any], Tuple[int, int]]:
     """(pipeline step engine, description for the summary, model input size)."""
@@ -80,8 +94,10 @@ def build_runtime(args: argparse.Namespace, device: torch.device, cfg: PipelineC
     imgsz = tuple(cfg.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
     engine = make_engine(args, model, layers, device, imgsz)
-    if cal is None:
+    if args.defense == "none":
         return PlainEngine(engine.plain, device), {"defense": "none", "engine": engine.describe()}, imgsz
+    if cal is None:
+        return baseline_runtime(args, model, engine, device, cfg) + (imgsz,)
     from realtime.defenses import FusionBlock, ZMask
     try:
         zm = ZMask(engine, cal.config, cal.stats.to(device), FusionBlock.from_dict(cal.fusion).to(device)).eval()

@@ -47,6 +47,7 @@ from engines import PRECISIONS, list_engines  # noqa: E402
 from realtime.build import UsageError, build_runtime  # noqa: E402
 from realtime.devices import describe, pick_device  # noqa: E402
 from realtime.models import list_models  # noqa: E402
+from realtime.defenses.registry import list_defenses  # noqa: E402
 from realtime.pipeline import PipelineConfig, RunInfo, StepResult, Work, run_pipeline  # noqa: E402
 from realtime.sinks.display import open_display  # noqa: E402
 from realtime.sinks.events import EventWriter, RunStats, iou, mask_box  # noqa: E402
@@ -63,7 +64,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--source", default="demo", help="cameraN, file, URL, folder, glob, camvid:SEQ or demo")
     p.add_argument("--model", default="ddrnet23_slim", choices=list_models())
     p.add_argument("--weights", default="default", help="checkpoint path (default: the shipped CamVid weights)")
-    p.add_argument("--defense", default="zmask", choices=["zmask", "none"])
+    p.add_argument("--defense", default="zmask", choices=list_defenses(),
+                   help="zmask (default), none, or a baseline: lgs, slgs, wlgs, patchzero, taintradar, fpda, hn")
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
     p.add_argument("--threshold", type=float, default=None,
                    help="per-frame detection threshold on the Z-Mask score (default: the calibration's lambda0)")
