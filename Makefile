@@ -1,5 +1,6 @@
 # Two self-contained entry points (see README): `make demo` and `make test`.
-# Each creates .venv if missing and installs the pinned CPU dependencies first.
+# Each creates .venv if missing and installs the pinned CPU dependencies first (requirements/cpu.txt,
+# then requirements/cuda-tools.txt: CPU-only CUDA compilers for the kernel compile checks).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): requirements/cpu.txt setup.py
+$(STAMP): requirements/cpu.txt requirements/cuda-tools.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements/cpu.txt
+	$(BIN)/python -m pip install -q -r requirements/cuda-tools.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["realtime", "realtime.*", "kernels", "kernels.*", "engines", "engines.*",
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
-    package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu"],
+    package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
                   "calibration": ["shipped/*"]},
     install_requires=[
         # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "gpu": ["cupy-cuda12x"],
+        "gpu": ["cupy-cuda13x"],
         "tensorrt": ["tensorrt", "torch-tensorrt"],
         "pycuda": ["pycuda"],
         "test": ["pytest>=8"],
