@@ -1,0 +1,262 @@
+"""Every defense under every patch condition on the same CamVid frames (issue 8, parts 3-4).
+
+    python -m benchmarks.robustness --model ddrnet23_slim --split val --json out.json
+    python -m benchmarks.robustness --model bisenetv1 --defenses none,zmask,lgs --conditions none,eot_L --limit 4
+    python -m benchmarks.robustness --model ddrnet23_slim --resume          # continue an interrupted run
+
+For each defense x condition (clean, random_L, eot_S/M/L, beta0.1-0.9_L, defense-aware adv* patches
+found in the library): mIoU outside the patch (patch pixels and void ignored, CamVid labels), mask
+precision / recall / IoU against the exact patch mask (all frames and flagged frames), detection AUC
+and TPR at 1 % FPR (clean scores of the same defense as negatives, scikit-learn ROC), flag rate and
+median per-frame latency. One seeded placement per frame, the same for every defense and condition;
+digital paste by default (``--capture none``, as ``realtime.attacks.evaluate``).
+
+Writes ``<out-dir>/robustness_<model>_<split>.{json,md}`` and PNGs (ROC on eot_L, beta and alpha sweeps);
+raw per-(defense, condition) cells go to ``<out-dir>/partial/<model>_<split>/`` so ``--resume`` skips
+finished cells. Combine models with ``python -m benchmarks.robustness_report``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from realtime.attacks.apply import patch_size_for
+from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.data import CamVid, resolve_data_dir
+from realtime.defenses import registry
+from realtime.defenses.registry import DefenseContext
+from realtime.devices import describe, pick_device
+from realtime.models import build_model, fingerprint, list_models
+
+from .robustness_conditions import CAPTURES, LIBRARY, capture_config, resolve_conditions
+from .robustness_report import DEFAULT_DIR, model_markdown, write_outputs
+from .robustness_runner import CellSettings, cell_signature, load_cell, run_cell, save_cell, warm_up
+from .robustness_summary import summarize_defense
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RobustnessConfig:
+    """Command-line settings of one run."""
+    model: str
+    data: Optional[str] = None
+    split: str = "val"
+    defenses: Optional[List[str]] = None       # None: every registered defense
+    conditions: Optional[List[str]] = None     # None: every condition in the library
+    sweep_defenses: Optional[List[str]] = None  # run the beta / defense-aware sweeps only for these (None: all)
+    limit: Optional[int] = None
+    batch: int = 1
+    seed: int = 0
+    capture: str = "none"
+    max_fpr: float = 0.01
+    device: str = "auto"
+    library: str = str(LIBRARY)
+    out_dir: str = str(DEFAULT_DIR)
+    json: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+
+def available_splits(root: Path) -> List[str]:
+    """Split folders in a CamVid root: sub-directories holding images, except the ``*annot`` label folders."""
+    exts = (".png", ".jpg", ".jpeg")
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.endswith("annot")
+                  and any(f.suffix.lower() in exts for f in p.iterdir()))
+
+
+def validate_split(root: Path, split: str) -> None:
+    """Raise ValueError naming the present splits when ``split`` is not one of them."""
+    present = available_splits(root)
+    if split not in present:
+        raise ValueError(f"split {split!r} not found in {root}; present: {', '.join(present) or 'none'}")
+
+
+def registered_defenses() -> List[str]:
+    """Registered defense names (the registry imports its built-in modules once)."""
+    return list(_registered())
+
+
+@functools.lru_cache(maxsize=None)
+def _registered() -> Tuple[str, ...]:
+    return tuple(registry.list_defenses())
+
+
+def make_defense(name: str, ctx: DefenseContext):
+    """``registry.build_defense`` with the known names checked first (a clear error for typos)."""
+    known = registered_defenses()
+    if name not in known:
+        raise KeyError(f"unknown defense {name!r}; available: {', '.join(known)}")
+    return registry.build_defense(name, ctx)
+
+
+@contextlib.contextmanager
+def isolated_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Remove, on exit, every forward (pre-)hook a defense registered on the shared model.
+
+    Defenses such as Z-Mask hook layers of the model they are built on; without this, a later defense in
+    the same run would run with those (idle but still called) hooks attached.
+    """
+    before = {n: (set(m._forward_hooks), set(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    try:
+        yield
+    finally:
+        for n, m in model.named_modules():
+            fwd, pre = before.get(n, (set(), set()))
+            for k in [k for k in m._forward_hooks if k not in fwd]:
+                del m._forward_hooks[k]
+            for k in [k for k in m._forward_pre_hooks if k not in pre]:
+                del m._forward_pre_hooks[k]
+        model.eval()
+
+
+def runs_condition(defense: str, condition: str, sweep_defenses: Optional[List[str]]) -> bool:
+    """Table-4 conditions run for every defense; beta / defense-aware sweeps only for ``sweep_defenses``.
+
+    The sweeps ask how detection degrades as the patch hides its over-activation: they matter for the
+    defenses that flag or localise, and skipping them for the slow gradient-based maskers keeps a CPU
+    run within hours."""
+    sweep = condition.startswith("beta") or condition.startswith("adv")
+    return not sweep or sweep_defenses is None or defense in sweep_defenses
+
+
+def git_commit() -> Optional[str]:
+    """``git rev-parse HEAD`` of the repository (read-only), or None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def run(cfg: RobustnessConfig) -> Dict:
+    """Measure every (defense, condition) cell (reusing saved ones with ``resume``) and summarise."""
+    root = resolve_data_dir(cfg.data)
+    validate_split(root, cfg.split)
+    if cfg.model not in list_models():
+        raise KeyError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
+    if cfg.batch < 1 or (cfg.limit is not None and cfg.limit < 1):
+        raise ValueError("--batch and --limit must be positive")
+    capture = capture_config(cfg.capture)
+    explicit = cfg.defenses is not None
+    names = cfg.defenses if explicit else registered_defenses()
+    known = registered_defenses()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown defense(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    dev = pick_device(cfg.device)
+    model = build_model(cfg.model, device=dev).eval()
+    fp = fingerprint(model)
+    conds = resolve_conditions(cfg.model, cfg.conditions, fp, Path(cfg.library))
+    ds = CamVid(root, cfg.split)
+    n = min(len(ds), cfg.limit) if cfg.limit else len(ds)
+    images, labels = ds.to_tensors(range(n), progress=cfg.progress)
+    settings = CellSettings(cfg.model, fp, cfg.split, n, cfg.seed, cfg.capture, cfg.batch, str(dev))
+    eot_l = next((c for c in conds if c.name == "eot_L"), None)
+    l_hw = tuple(eot_l.patch.shape[1:]) if eot_l is not None else patch_size_for("L", tuple(images.shape[-2:]))
+    partial = Path(cfg.out_dir) / "partial" / f"{cfg.model}_{cfg.split}"
+    results: Dict[str, Dict] = {}
+    skipped: Dict[str, str] = {}
+    for name in tqdm(names, desc="defenses", unit="defense", disable=not cfg.progress):
+        with isolated_hooks(model):
+            try:
+                defense = make_defense(name, DefenseContext(model, cfg.model, device=dev, data=str(root)))
+            except (FileNotFoundError, RuntimeError) as exc:
+                if explicit:
+                    raise
+                skipped[name] = str(exc).splitlines()[0]
+                print(f"warning: defense {name} skipped: {skipped[name]}", file=sys.stderr)
+                continue
+            info = defense.describe()
+            cells, warmed = {}, False
+            for cond in conds:
+                if not runs_condition(name, cond.name, cfg.sweep_defenses):
+                    continue
+                sig = cell_signature(settings, info, cond)
+                cell = load_cell(partial, name, cond.name, sig) if cfg.resume else None
+                if cell is None:
+                    if not warmed:
+                        warm_up(defense, images, dev, cfg.batch)
+                        warmed = True
+                    cell = run_cell(defense, cond, images, labels, settings, sig, dev, capture,
+                                    l_patch_hw=l_hw if cond.name == "none" else None, progress=cfg.progress)
+                    save_cell(cell, partial)
+                cells[cond.name] = cell
+            results[name] = {**summarize_defense(cells, cfg.max_fpr), "flags": bool(defense.flags),
+                             "masks": bool(defense.masks), "needs_grad": bool(defense.needs_grad),
+                             "describe": info}
+            del defense
+    return {"settings": {**asdict(settings), "max_fpr": cfg.max_fpr, "data": str(root), "library": cfg.library,
+                         "defenses": list(results),
+                         "sweep_defenses": cfg.sweep_defenses,
+                         "placement": "random, per-frame generator seed*100000+frame",
+                         "l_patch_hw": list(l_hw)},
+            "env": describe(dev), "git_commit": git_commit(), "skipped": skipped,
+            "conditions": {c.name: c.describe() for c in conds}, "results": results}
+
+
+def _csv(text: Optional[str]) -> Optional[List[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
+    p.add_argument("--split", default="val", help="any split folder present in the data dir")
+    p.add_argument("--defenses", default=None, help="comma-separated (default: every registered defense)")
+    p.add_argument("--conditions", default=None,
+                   help="comma-separated, e.g. none,random_L,eot_S,eot_M,eot_L,beta0.5_L (default: all in library)")
+    p.add_argument("--sweep-defenses", default=None,
+                   help="comma-separated defenses that also run the beta / defense-aware sweeps (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N frames")
+    p.add_argument("--batch", type=int, default=1, help="frames per defense call (latency is per frame / batch)")
+    p.add_argument("--seed", type=int, default=0, help="placement seed")
+    p.add_argument("--capture", choices=CAPTURES, default="none", help="physical-capture simulation of the patch")
+    p.add_argument("--max-fpr", type=float, default=0.01, help="FPR of the reported TPR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--library", default=str(LIBRARY), help="patch library folder")
+    p.add_argument("--out-dir", default=str(DEFAULT_DIR))
+    p.add_argument("--json", default=None, help="also write the JSON here")
+    p.add_argument("--resume", action="store_true", help="reuse finished cells saved under --out-dir/partial")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    return RobustnessConfig(model=a.model, data=a.data, split=a.split, defenses=_csv(a.defenses),
+                            conditions=_csv(a.conditions), sweep_defenses=_csv(a.sweep_defenses), limit=a.limit,
+                            batch=a.batch, seed=a.seed,
+                            capture=a.capture, max_fpr=a.max_fpr, device=a.device, library=a.library,
+                            out_dir=a.out_dir, json=a.json, resume=a.resume, progress=not a.quiet)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        res = run(cfg)
+    except USER_ERRORS as exc:
+        return report_error(exc)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished cells are in {Path(cfg.out_dir) / 'partial'}; rerun with --resume",
+              file=sys.stderr)
+        return 130
+    out = Path(cfg.out_dir)
+    path = write_json(out / f"robustness_{cfg.model}_{cfg.split}.json", res)
+    if cfg.json:
+        write_json(cfg.json, res)
+    files = write_outputs(res, out)
+    print(model_markdown(res))
+    print("wrote " + ", ".join(str(f) for f in [path, *files]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
