@@ -55,6 +55,7 @@ class RobustnessConfig:
     conditions: Optional[List[str]] = None     # None: every condition in the library
     sweep_defenses: Optional[List[str]] = None  # run the beta / defense-aware sweeps only for these (None: all)
     limit: Optional[int] = None
+    every: int = 1                             # take every k-th frame of the split (spread a short run)
     batch: int = 1
     seed: int = 0
     capture: str = "none"
@@ -144,8 +145,8 @@ def run(cfg: RobustnessConfig) -> Dict:
     validate_split(root, cfg.split)
     if cfg.model not in list_models():
         raise KeyError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
-    if cfg.batch < 1 or (cfg.limit is not None and cfg.limit < 1):
-        raise ValueError("--batch and --limit must be positive")
+    if cfg.batch < 1 or cfg.every < 1 or (cfg.limit is not None and cfg.limit < 1):
+        raise ValueError("--batch, --every and --limit must be positive")
     capture = capture_config(cfg.capture)
     explicit = cfg.defenses is not None
     names = cfg.defenses if explicit else registered_defenses()
@@ -158,9 +159,10 @@ def run(cfg: RobustnessConfig) -> Dict:
     fp = fingerprint(model)
     conds = resolve_conditions(cfg.model, cfg.conditions, fp, Path(cfg.library))
     ds = CamVid(root, cfg.split)
-    n = min(len(ds), cfg.limit) if cfg.limit else len(ds)
-    images, labels = ds.to_tensors(range(n), progress=cfg.progress)
-    settings = CellSettings(cfg.model, fp, cfg.split, n, cfg.seed, cfg.capture, cfg.batch, str(dev))
+    idx = list(range(0, len(ds), cfg.every))[:cfg.limit]
+    n = len(idx)
+    images, labels = ds.to_tensors(idx, progress=cfg.progress)
+    settings = CellSettings(cfg.model, fp, cfg.split, n, cfg.seed, cfg.capture, cfg.batch, str(dev), cfg.every)
     eot_l = next((c for c in conds if c.name == "eot_L"), None)
     l_hw = tuple(eot_l.patch.shape[1:]) if eot_l is not None else patch_size_for("L", tuple(images.shape[-2:]))
     partial = Path(cfg.out_dir) / "partial" / f"{cfg.model}_{cfg.split}"
@@ -219,7 +221,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
                    help="comma-separated, e.g. none,random_L,eot_S,eot_M,eot_L,beta0.5_L (default: all in library)")
     p.add_argument("--sweep-defenses", default=None,
                    help="comma-separated defenses that also run the beta / defense-aware sweeps (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N frames")
+    p.add_argument("--limit", type=int, default=None, help="only the first N frames (after --every)")
+    p.add_argument("--every", type=int, default=1, help="every k-th frame of the split (k=2: 51 of 101 val)")
     p.add_argument("--batch", type=int, default=1, help="frames per defense call (latency is per frame / batch)")
     p.add_argument("--seed", type=int, default=0, help="placement seed")
     p.add_argument("--capture", choices=CAPTURES, default="none", help="physical-capture simulation of the patch")
@@ -233,7 +236,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
     a = p.parse_args(argv)
     return RobustnessConfig(model=a.model, data=a.data, split=a.split, defenses=_csv(a.defenses),
                             conditions=_csv(a.conditions), sweep_defenses=_csv(a.sweep_defenses), limit=a.limit,
-                            batch=a.batch, seed=a.seed,
+                            every=a.every, batch=a.batch, seed=a.seed,
                             capture=a.capture, max_fpr=a.max_fpr, device=a.device, library=a.library,
                             out_dir=a.out_dir, json=a.json, resume=a.resume, progress=not a.quiet)
 

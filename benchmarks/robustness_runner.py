@@ -41,6 +41,7 @@ class CellSettings:
     capture: str
     batch: int
     device: str
+    every: int = 1          # frame stride over the split (part of what the cells were measured on)
 
 
 @dataclass
