@@ -212,6 +212,8 @@ class ZMask(nn.Module):
         demo does).
         """
         thr = self.cfg.mask_threshold
+        if not bool(flagged.any()):          # the common clean frame: nothing to resize or threshold
+            return torch.ones(soft.shape[0], 1, *size, dtype=soft.dtype, device=soft.device)
         if self.cfg.spr.mode == "same":
             hit = resize(soft.detach(), size, "bilinear") > thr
         else:

@@ -50,7 +50,7 @@ class ZMaskDefense(Defense):
             flagged = score.detach() > zm.cfg.lambda0
         with timer("mask"):
             keep = zm.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
-            xd = zm.shield(x, keep)
+            xd = zm.shield(x, keep) if bool(flagged.any()) else x
         final = out
         with timer("second_pass"):
             index = torch.nonzero(flagged, as_tuple=False).flatten()
