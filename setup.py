@@ -13,6 +13,7 @@ setup(
     packages=find_packages(include=["realtime", "realtime.*", "kernels", "kernels.*", "engines", "engines.*",
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
     package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
+                  "realtime.defenses": ["weights/*.pt", "weights/*.json"],
                   "calibration": ["shipped/*"]},
     install_requires=[
         # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
