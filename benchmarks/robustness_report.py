@@ -247,8 +247,11 @@ def zmask_vs_lgs(res: Dict, condition: str = "eot_L") -> str:
             f"(Z-Mask - LGS = {have['zmask'] - have['lgs']:+.4f} mIoU).")
 
 
-def combine(results_dir: Path, split: str) -> str:
-    """One markdown document with a section per model found in ``results_dir``."""
+def combine(results_dir: Path, split: str, notes_file: Optional[Path] = None) -> str:
+    """One markdown document with a section per model found in ``results_dir``.
+
+    ``notes_file``: the analysts' reading of the numbers (markdown), kept in its own file so that
+    regenerating the tables never loses it."""
     files = sorted(Path(results_dir).glob(f"robustness_*_{split}.json"))
     if not files:
         raise FileNotFoundError(f"no robustness_<model>_{split}.json in {results_dir}; run "
@@ -262,8 +265,9 @@ def combine(results_dir: Path, split: str) -> str:
         parts += [model_markdown(res, level=2), ""]
         notes.append(f"- `{res['settings']['model']}` ({res['settings']['frames']} frames, {_device(res)}): "
                      f"{zmask_vs_lgs(res)}")
-    parts += ["## Z-Mask vs LGS on L", "", *notes, "", "<!-- note: interpretation of Z-Mask vs LGS on L goes here -->",
-              ""]
+    reading = (Path(notes_file).read_text().strip() if notes_file is not None and Path(notes_file).is_file()
+               else "<!-- interpretation: write it in benchmarks/results/robustness_notes.md -->")
+    parts += ["## Z-Mask vs LGS on L", "", *notes, "", reading, ""]
     return "\n".join(parts)
 
 
@@ -273,9 +277,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--results-dir", default=str(DEFAULT_DIR))
     p.add_argument("--split", default="val")
     p.add_argument("--out", default=str(Path("benchmarks") / "results" / "robustness.md"))
+    p.add_argument("--notes", default=str(Path("benchmarks") / "results" / "robustness_notes.md"),
+                   help="markdown inserted after the Z-Mask vs LGS numbers (skipped when missing)")
     args = p.parse_args(argv)
     try:
-        text = combine(Path(args.results_dir), args.split)
+        text = combine(Path(args.results_dir), args.split, Path(args.notes))
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
