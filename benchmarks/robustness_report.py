@@ -189,7 +189,7 @@ def plot_sweep(res: Dict, path: Path, kind: str) -> bool:
     series = _sweep_points(res, kind)
     if not series:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=110)
     styles = ["o-", "s--", "^-.", "d:"]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, d in enumerate(res["results"]):
@@ -201,13 +201,15 @@ def plot_sweep(res: Dict, path: Path, kind: str) -> bool:
             if any(a is not None for a in auc):
                 axes[0].plot(xs, [a if a is not None else float("nan") for a in auc], styles[k % 4],
                              color=color, label=lab)
-            axes[1].plot(xs, [(_cell(res, d, c) or {}).get("miou") for _, c in pts], styles[k % 4],
-                         color=color, label=lab)
+            miou = [(_cell(res, d, c) or {}).get("miou") for _, c in pts]
+            if any(m is not None for m in miou):                # defenses not run on the sweep: no line
+                axes[1].plot(xs, [m if m is not None else float("nan") for m in miou], styles[k % 4],
+                             color=color, label=lab)
     axes[0].set_title("detection AUC", fontsize=9)
     axes[1].set_title("mIoU outside the patch", fontsize=9)
     for ax in axes:
         ax.set_xlabel("beta (1.0 = eot_L)" if kind == "beta" else "alpha")
-        ax.legend(fontsize=6)
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))   # outside: lines stay visible
     fig.suptitle(f"{res['settings']['model']}: L patches vs {kind} ({res['settings']['frames']} frames)", fontsize=10)
     return _save(fig, path)
 
