@@ -27,7 +27,7 @@ from benchmarks.latency_entries import defense_entry, probe, stack_batches, temp
 from benchmarks.latency_frames import build_frames, screen_attacked
 from benchmarks.latency_report import device_slug, environment, write_all
 from benchmarks.timing import Entry, measure, overhead, rss_peak_scope, summarize_samples
-from realtime.cli import USER_ERRORS, report_error
+from realtime.cli import USER_ERRORS, parse_hw, report_error
 from realtime.defenses.registry import DefenseContext, build_defense, list_defenses
 from realtime.devices import pick_device
 from realtime.models import build_model
@@ -234,14 +234,11 @@ def run_all(cfg: LatencyConfig) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------- CLI
-def parse_hw(text: str) -> Tuple[int, int]:
+def _resolution(text: str) -> Tuple[int, int]:
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"resolution must be HxW such as 360x480, got {text!r}") from None
-    if h < 32 or w < 32:
-        raise ValueError(f"resolution {text} is too small (need at least 32x32)")
-    return h, w
+        return parse_hw(text, minimum=32)
+    except ValueError as exc:
+        raise ValueError(f"--resolution: {exc}") from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -276,7 +273,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def config_from_args(a: argparse.Namespace, argv: Sequence[str]) -> LatencyConfig:
     models = tuple(a.model) if a.model else (SUITE_MODELS if a.suite else ("ddrnet23_slim",))
-    res = tuple(parse_hw(r) for r in a.resolution) if a.resolution else (
+    res = tuple(_resolution(r) for r in a.resolution) if a.resolution else (
         SUITE_RESOLUTIONS if a.suite else ((360, 480),))
     names = a.defense or (["all"] if a.suite else ["zmask"])
     known = known_defenses()

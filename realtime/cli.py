@@ -4,12 +4,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 from realtime.data import DataNotFoundError
 
 # Failures a user can fix (bad path, unknown name, mismatched artifact): reported without a traceback.
 USER_ERRORS = (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError)
+
+
+def parse_hw(text: str, minimum: int = 1) -> Tuple[int, int]:
+    """'360x480' -> (360, 480); ValueError naming the expected form, or the minimum side."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected HxW such as 360x480, got {text!r}") from None
+    if h < minimum or w < minimum:
+        raise ValueError(f"{text} is too small (need at least {minimum}x{minimum})")
+    return h, w
 
 
 def report_error(exc: BaseException) -> int:

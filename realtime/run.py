@@ -45,6 +45,7 @@ from tqdm import tqdm  # noqa: E402
 
 from engines import PRECISIONS, list_engines  # noqa: E402
 from realtime.build import UsageError, build_runtime  # noqa: E402
+from realtime.cli import parse_hw  # noqa: E402
 from realtime.devices import describe, pick_device  # noqa: E402
 from realtime.models import list_models  # noqa: E402
 from realtime.defenses.registry import list_defenses  # noqa: E402
@@ -107,12 +108,9 @@ def parse_imgsz(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if text is None:
         return None
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--imgsz expects HxW such as 360x480, got '{text}'") from None
-    if h < 32 or w < 32:
-        raise UsageError(f"--imgsz {text} is too small (need at least 32x32)")
-    return h, w
+        return parse_hw(text, minimum=32)
+    except ValueError as exc:
+        raise UsageError(f"--imgsz: {exc}") from None
 
 
 class Outputs:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.accuracy import evaluate
+from realtime.cli import parse_hw
 from realtime.data import IGNORE_INDEX, NUM_CLASSES, CamVid, DataNotFoundError
 from realtime.data.augment import AugmentConfig, augment_batch
 from realtime.devices import autocast, describe, pick_device
@@ -251,11 +252,6 @@ class Trainer:
         return path
 
 
-def _hw(text: str) -> Tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
-
-
 def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m realtime.train", description=__doc__,
@@ -270,7 +266,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    p.add_argument("--crop", type=_hw, default=d.crop, help="training crop HxW")
+    p.add_argument("--crop", type=parse_hw, default=d.crop, help="training crop HxW")
     p.add_argument("--base-scale", type=float, default=d.base_scale, help="fixed resize factor (0.5 on CPU)")
     p.add_argument("--scale-min", type=float, default=d.scale_min)
     p.add_argument("--scale-max", type=float, default=d.scale_max)
@@ -278,7 +274,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--ohem-thresh", type=float, default=d.ohem_thresh)
     p.add_argument("--class-weighting", default=d.class_weighting, choices=["none", "medfreq", "sqrt_medfreq"])
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-size", type=_hw, default=None, help="validate at HxW (default: native 360x480)")
+    p.add_argument("--eval-size", type=parse_hw, default=None, help="validate at HxW (default: native 360x480)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N frames only")
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)

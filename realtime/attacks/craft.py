@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from realtime.cli import USER_ERRORS, report_error
+from realtime.cli import USER_ERRORS, parse_hw, report_error
 from realtime.data import CamVid
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
@@ -28,13 +28,12 @@ from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, load_patch_p
 from .eot import EOTConfig, craft_universal_patch
 
 
-def parse_hw(text: str) -> Tuple[int, int]:
-    """'105x141' -> (105, 141)."""
+def _patch_hw(text: str) -> Tuple[int, int]:
+    """'105x141' -> (105, 141), as an argparse type."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, got '{text}'") from None
-    return h, w
+        return parse_hw(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -45,7 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="train", help="frames the patch is optimised on")
     p.add_argument("--size", default="L", help=f"paper size {sorted(PATCH_SIZES_1024x2048)} scaled to the frame")
-    p.add_argument("--hw", type=parse_hw, default=None, help="explicit patch HxW (overrides --size)")
+    p.add_argument("--hw", type=_patch_hw, default=None, help="explicit patch HxW (overrides --size)")
     p.add_argument("--out", required=True, help="output PNG (JSON sidecar written next to it)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
