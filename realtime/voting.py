@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from realtime.defenses.base import dilate
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,7 @@ class TemporalVoter:
         if not masks:
             return None
         acc = torch.stack(masks).amax(0)
-        if self.cfg.dilate:
-            r = self.cfg.dilate
-            # Separable square dilation: a (1,k) then a (k,1) max equals the k x k max exactly, at ~1/10
-            # of the cost on CPU (a 33x33 window at 360x480 took ~200 ms in one pass; measured).
-            acc = F.max_pool2d(acc, (1, 2 * r + 1), stride=1, padding=(0, r))
-            acc = F.max_pool2d(acc, (2 * r + 1, 1), stride=1, padding=(r, 0))
+        acc = dilate(acc, self.cfg.dilate)
         return acc if bool(acc.any()) else None
 
     def update(self, detected: bool, fresh_mask: Optional[torch.Tensor] = None, carried: bool = False

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .zmask import validate_input
@@ -73,4 +74,16 @@ def repaint(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Te
     return x * k + fill.to(dtype=x.dtype, device=x.device) * (1.0 - k)
 
 
-__all__ = ["Defense", "DefenseResult", "StageTimer", "null_timer", "repaint"]
+def dilate(region: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of a (N,1,H,W) {0,1} map with a (2r+1)^2 square.
+
+    Separable: a (1,k) then a (k,1) max equals the k x k max exactly, at ~1/10 of the cost on CPU
+    (a 33x33 window at 360x480 took ~200 ms in one pass; measured)."""
+    if radius <= 0:
+        return region
+    k = 2 * radius + 1
+    region = F.max_pool2d(region, (1, k), stride=1, padding=(0, radius))
+    return F.max_pool2d(region, (k, 1), stride=1, padding=(radius, 0))
+
+
+__all__ = ["Defense", "DefenseResult", "StageTimer", "dilate", "null_timer", "repaint"]

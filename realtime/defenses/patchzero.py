@@ -26,7 +26,7 @@ from torch import nn
 
 from realtime.models.base import CAMVID_MEAN, CAMVID_STD
 
-from .base import Defense, DefenseResult, StageTimer, repaint
+from .base import Defense, DefenseResult, StageTimer, dilate, repaint
 from .registry import DefenseContext, register_defense
 from .zmask import merge_batch
 
@@ -129,10 +129,8 @@ def detect(net: PatchDetector, x: torch.Tensor, work_size: Tuple[int, int]) -> t
 
 
 def dilate_mask(region: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of a (N,1,H,W) {0,1} map with a (2r+1)^2 square."""
-    if radius <= 0:
-        return region
-    return F.max_pool2d(region, 2 * radius + 1, stride=1, padding=radius)
+    """Binary dilation of a (N,1,H,W) {0,1} map with a (2r+1)^2 square (``base.dilate``)."""
+    return dilate(region, radius)
 
 
 class PatchZero(Defense):
