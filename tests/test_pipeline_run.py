@@ -275,7 +275,7 @@ def test_cli_source_dying_mid_stream_leaves_a_playable_video(tmp_path, capsys):
 
 
 def test_ctrl_c_finishes_the_output(tmp_path):
-    make_video(tmp_path / "long.mp4", 300, fps=20)
+    make_video(tmp_path / "long.mp4", 300, fps=5)      # 60 s of paced replay: SIGINT lands mid-run even under load
     out, ev = tmp_path / "o.mp4", tmp_path / "o.jsonl"
     p = subprocess.Popen([sys.executable, "-m", "realtime.run", "--source", str(tmp_path / "long.mp4"),
                           "--realtime", "--defense", "none", "--imgsz", "64x96", "--output", str(out),
