@@ -9,7 +9,6 @@ fail-closed policy exactly as Z-Mask does.
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
@@ -62,10 +61,8 @@ class DefenseStep:
             msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
             if self.fail_closed:
                 return StepResult(label=None, unsafe=True, error=msg, alarm=self.voter.alarm, stages=st)
-            t0 = time.perf_counter()
-            with torch.no_grad():
+            with self._timer(st)("backbone"), torch.no_grad():
                 label = to_label(self.plain(x))
-            st["backbone"] = st.get("backbone", 0.0) + (time.perf_counter() - t0) * 1000.0
             return StepResult(label=label, error=msg, alarm=self.voter.alarm, stages=st)
 
 

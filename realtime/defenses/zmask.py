@@ -7,8 +7,9 @@ colour (the same as zeroing in normalised space) and only those frames go throug
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -227,17 +228,33 @@ class ZMask(nn.Module):
         m = mask.to(x.dtype)
         return x * m + fill * (1.0 - m)
 
-    def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Detection:
+    def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int],
+               timer: Optional[Callable[[str], ContextManager]] = None) -> Detection:
         """The defense proper, from one pass's taps: heatmaps, fusion, score, flags, keep-mask at ``size``.
 
         Split from ``analyse`` so callers that time the backbone and the defense separately (the live
-        pipeline) run exactly the same steps."""
+        pipeline, the defense interface) run exactly the same steps; ``timer(stage)`` (optional) wraps
+        the heatmaps, fusion and mask stages (the fused kernels do all three under "heatmaps")."""
+        timer = timer or (lambda _stage: nullcontext())
         if self._fused is not None and self._fused.use(taps, with_fusion=True):
-            return self._fused.detect(taps, size)
-        h_s, h_d = self.heatmaps(taps)
-        soft, score = self.fusion(h_s, h_d)
-        flagged = score.detach() > self.cfg.lambda0
-        return Detection(h_s, h_d, soft, score, flagged, self.input_mask(soft, flagged, size))
+            with timer("heatmaps"):
+                return self._fused.detect(taps, size)
+        with timer("heatmaps"):
+            h_s, h_d = self.heatmaps(taps)
+        with timer("fusion"):
+            soft, score = self.fusion(h_s, h_d)
+            flagged = score.detach() > self.cfg.lambda0
+        with timer("mask"):
+            mask = self.input_mask(soft, flagged, size)
+        return Detection(h_s, h_d, soft, score, flagged, mask)
+
+    def second_pass(self, defended: torch.Tensor, flagged: torch.Tensor, output: Any) -> Any:
+        """``output`` with the flagged frames replaced by the model run on their shielded input."""
+        index = torch.nonzero(flagged, as_tuple=False).flatten()
+        if index.numel() == 0:
+            return output
+        second = self.taps.plain(defended.index_select(0, index))
+        return merge_batch(output, second, index, defended.shape[0])
 
     def analyse(self, x: torch.Tensor) -> ZMaskResult:
         """First pass, heatmaps, soft mask, score, flags and the shielded input (no second pass).
@@ -252,12 +269,7 @@ class ZMask(nn.Module):
     def forward(self, x: torch.Tensor) -> ZMaskResult:
         """``analyse`` plus the second pass on the flagged frames only."""
         res = self.analyse(x)
-        index = torch.nonzero(res.flagged, as_tuple=False).flatten()
-        if index.numel() == 0:
-            res.defended_output = res.output
-            return res
-        second = self.taps.plain(res.defended_input.index_select(0, index))
-        res.defended_output = merge_batch(res.output, second, index, x.shape[0])
+        res.defended_output = self.second_pass(res.defended_input, res.flagged, res.output)
         return res
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .base import Defense, DefenseResult, StageTimer
 from .registry import DefenseContext, register_defense
-from .zmask import ZMask, merge_batch
+from .zmask import ZMask
 
 
 class NoDefense(Defense):
@@ -43,22 +43,13 @@ class ZMaskDefense(Defense):
         zm = self.zm
         with timer("backbone"):
             out, taps = zm.taps(x)
-        with timer("heatmaps"):
-            h_s, h_d = zm.heatmaps(taps)
-        with timer("fusion"):
-            soft, score = zm.fusion(h_s, h_d)
-            flagged = score.detach() > zm.cfg.lambda0
+        det = zm.detect(taps, (x.shape[-2], x.shape[-1]), timer)
         with timer("mask"):
-            keep = zm.input_mask(soft, flagged, (x.shape[-2], x.shape[-1]))
-            xd = zm.shield(x, keep) if bool(flagged.any()) else x
-        final = out
+            xd = zm.shield(x, det.mask) if bool(det.flagged.any()) else x
         with timer("second_pass"):
-            index = torch.nonzero(flagged, as_tuple=False).flatten()
-            if index.numel():
-                second = zm.taps.plain(xd.index_select(0, index))
-                final = merge_batch(out, second, index, x.shape[0])
-        return DefenseResult(output=final, defended_input=xd, mask=keep, flagged=flagged, score=score,
-                             first_output=out, extras={"h_s": h_s, "h_d": h_d, "soft_mask": soft})
+            final = zm.second_pass(xd, det.flagged, out)
+        return DefenseResult(output=final, defended_input=xd, mask=det.mask, flagged=det.flagged, score=det.score,
+                             first_output=out, extras={"h_s": det.h_s, "h_d": det.h_d, "soft_mask": det.soft_mask})
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.zm.cfg
