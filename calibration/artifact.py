@@ -45,12 +45,17 @@ class Calibration:
                 f"calibration was made for model '{self.model_name}' (fingerprint {self.fingerprint}); "
                 f"this model '{name}' has fingerprint {fp}. Re-run: python -m calibration.fit --model {name}")
 
-    def build_zmask(self, model: torch.nn.Module, check: bool = True) -> ZMask:
-        """A ready Z-Mask around ``model`` (fingerprint checked unless ``check=False``)."""
+    def build_zmask(self, model: torch.nn.Module, check: bool = True, taps: Optional[Any] = None,
+                    **options: Any) -> ZMask:
+        """A ready Z-Mask for ``model`` (fingerprint checked unless ``check=False``).
+
+        ``taps``: an engine returning ``(output, taps)`` to run instead of hooking ``model`` itself;
+        ``options`` go to ``ZMask`` (e.g. ``heatmap_backend``)."""
         if check:
             self.check_model(model)
         dev = next(model.parameters()).device
-        return ZMask(model, self.config, self.stats.to(dev), FusionBlock.from_dict(self.fusion).to(dev))
+        return ZMask(taps if taps is not None else model, self.config, self.stats.to(dev),
+                     FusionBlock.from_dict(self.fusion).to(dev), **options)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

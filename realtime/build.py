@@ -9,7 +9,6 @@ calibration taps; Z-Mask is then built on the engine's taps, and ``--defense non
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -98,13 +97,12 @@ def build_runtime(args: argparse.Namespace, device: torch.device, cfg: PipelineC
         return PlainEngine(engine.plain, device), {"defense": "none", "engine": engine.describe()}, imgsz
     if cal is None:
         return baseline_runtime(args, model, engine, device, cfg) + (imgsz,)
-    from realtime.defenses import FusionBlock, ZMask
+    from realtime.defenses.registry import DefenseContext, build_defense
+    ctx = DefenseContext(model, args.model, device=device, calibration=calibration_path(args), engine=engine)
     try:
-        zm = ZMask(engine, cal.config, cal.stats.to(device), FusionBlock.from_dict(cal.fusion).to(device)).eval()
+        zm = build_defense("zmask", ctx, threshold=args.threshold).zm
     except (ValueError, KeyError) as exc:
         raise UsageError(f"--calibration {calibration_path(args)}: {_one_line(exc)}") from None
-    if args.threshold is not None:
-        zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(args.threshold))
     desc = {"defense": "zmask", "calibration": str(calibration_path(args)), "lambda0": zm.cfg.lambda0,
             "calibration_lambda0": cal.config.lambda0, "calibration_fingerprint": cal.fingerprint,
             "calibration_model": cal.model_name, "voting": cfg.voting.describe(), "engine": engine.describe()}

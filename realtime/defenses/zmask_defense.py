@@ -71,11 +71,8 @@ def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask
         raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
                                 f"`python -m calibration.fit --model {ctx.model_name}`")
     cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
-    zm = cal.build_zmask(ctx.model)
-    if ctx.engine is not None or zmask_options:
-        # On an engine the taps come out of the engine; ZMask then only needs its cfg/stats/fusion.
-        zm = ZMask(ctx.engine if ctx.engine is not None else zm.taps, zm.cfg, zm.stats, zm.fusion,
-                   **zmask_options)
+    # On an engine the taps come out of the engine, and the module is left unhooked.
+    zm = cal.build_zmask(ctx.model, taps=ctx.engine, **zmask_options)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
     return ZMaskDefense(zm.eval())
