@@ -67,22 +67,23 @@ def find_nvcc() -> Optional[Path]:
     return None
 
 
+def _wheel_file(env: str, package: str, relpath: str) -> Optional[Path]:
+    """``$env`` if set, else ``relpath`` inside the installed wheel ``package`` (None when absent)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    root = _wheel_dir(package)
+    path = root / relpath if root else None
+    return path if path is not None and path.exists() else None
+
+
 def find_nvrtc12() -> Optional[Path]:
     """libnvrtc.so.12: $ZMASK_NVRTC12, else the nvidia-cuda-nvrtc-cu12 wheel."""
-    if os.environ.get("ZMASK_NVRTC12"):
-        return Path(os.environ["ZMASK_NVRTC12"])
-    root = _wheel_dir("nvidia.cuda_nvrtc")
-    lib = root / "lib" / "libnvrtc.so.12" if root else None
-    return lib if lib is not None and lib.exists() else None
+    return _wheel_file("ZMASK_NVRTC12", "nvidia.cuda_nvrtc", "lib/libnvrtc.so.12")
 
 
 def find_ptxas12() -> Optional[Path]:
     """CUDA 12 ptxas: $ZMASK_PTXAS12, else the nvidia-cuda-nvcc-cu12 wheel."""
-    if os.environ.get("ZMASK_PTXAS12"):
-        return Path(os.environ["ZMASK_PTXAS12"])
-    root = _wheel_dir("nvidia.cuda_nvcc")
-    exe = root / "bin" / "ptxas" if root else None
-    return exe if exe is not None and exe.exists() else None
+    return _wheel_file("ZMASK_PTXAS12", "nvidia.cuda_nvcc", "bin/ptxas")
 
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
