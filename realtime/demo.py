@@ -27,7 +27,7 @@ from realtime.sinks.video import VideoWriter, overlay_segmentation, put_text
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m realtime.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ddrnet23_slim", choices=list_models())
+    p.add_argument("--model", default="ddrnet23_slim", choices=list_models("segmentation"))
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="val")
     p.add_argument("--sequence", default="0016E5")

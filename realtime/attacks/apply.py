@@ -32,13 +32,26 @@ PATCH_SIZES_1024x2048: Dict[str, Tuple[int, int]] = {"S": (150, 300), "M": (200,
 PAPER_FRAME_HW: Tuple[int, int] = (1024, 2048)
 
 
-def patch_size_for(name: str, input_hw: Tuple[int, int]) -> Tuple[int, int]:
-    """Paper patch size ``name`` (S/M/L) scaled per axis to ``input_hw`` as (h, w).
+# Detection (paper, COCO): squares of 100/150/200 px on frames whose short side is ~480 (640x480).
+DETECTION_PATCH_SIDES_480: Dict[str, int] = {"S": 100, "M": 150, "L": 200}
 
-    Each side scales with its own axis (so the patch covers the same fraction of the frame as in the
-    paper, 8.6% for L) and rounds half up, minimum 1: 360x480 -> L = (105, 141), M = (70, 94), S = (53, 70).
+
+def patch_size_for(name: str, input_hw: Tuple[int, int], task: str = "segmentation") -> Tuple[int, int]:
+    """Paper patch size ``name`` (S/M/L) scaled to ``input_hw`` as (h, w).
+
+    Segmentation: each side scales with its own axis (so the patch covers the same fraction of the frame
+    as in the paper, 8.6% for L) and rounds half up, minimum 1: 360x480 -> L = (105, 141), M = (70, 94),
+    S = (53, 70). Detection: the paper's COCO squares scaled by short side / 480 (same frame fraction,
+    13 % for L on 4:3 frames): 360x480 -> L = 150, M = 113, S = 75.
     """
     key = name.upper()
+    if task not in ("segmentation", "detection"):
+        raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
+    if task == "detection":
+        if key not in DETECTION_PATCH_SIDES_480:
+            raise KeyError(f"unknown patch size '{name}'; choose from {sorted(DETECTION_PATCH_SIDES_480)}")
+        side = max(1, int(math.floor(DETECTION_PATCH_SIDES_480[key] * min(input_hw) / 480 + 0.5)))
+        return side, side
     if key not in PATCH_SIZES_1024x2048:
         raise KeyError(f"unknown patch size '{name}'; choose from {sorted(PATCH_SIZES_1024x2048)}")
     ph, pw = PATCH_SIZES_1024x2048[key]

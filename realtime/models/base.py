@@ -37,6 +37,7 @@ class SegmentationModel(nn.Module):
     """
 
     arch: str = "base"
+    task: str = "segmentation"
     aux_weights: Tuple[float, ...] = ()
 
     def __init__(self, num_classes: int, mean: Sequence[float] = CAMVID_MEAN,

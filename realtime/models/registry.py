@@ -31,8 +31,24 @@ _MODELS: Dict[str, ModelEntry] = {e.name: e for e in (
 )}
 
 
-def list_models() -> List[str]:
-    return sorted(_MODELS)
+def _detection():
+    """The detector registry (imported lazily: the detection package builds on this module)."""
+    from ..detection import registry
+    return registry
+
+
+def list_models(task: Optional[str] = None) -> List[str]:
+    """Registered names: segmenters, detectors (``realtime.detection``), or both (``task=None``)."""
+    seg = sorted(_MODELS) if task in (None, "segmentation") else []
+    det = _detection().list_detectors() if task in (None, "detection") else []
+    if task not in (None, "segmentation", "detection"):
+        raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
+    return seg + det
+
+
+def model_task(model: nn.Module) -> str:
+    """'segmentation' (logits out) or 'detection' (torchvision-style list of box dicts out)."""
+    return getattr(model, "task", "segmentation")
 
 
 def default_weights_path(name: str) -> Path:
@@ -50,8 +66,11 @@ def build_model(name: str, weights: Union[str, os.PathLike, None] = "default", n
     """Build a registered model in eval mode.
 
     ``weights``: ``"default"`` loads the shipped CamVid weights (error if they are missing),
-    ``None`` keeps the random initialisation, anything else is a checkpoint path.
+    ``None`` keeps the random initialisation, anything else is a checkpoint path. Detector names
+    (``list_models("detection")``) go to ``realtime.detection.build_detector`` (``num_classes`` unused).
     """
+    if name not in _MODELS and _detection().is_detector(name):
+        return _detection().build_detector(name, weights=weights, device=device)
     model = _entry(name).factory(num_classes=num_classes)
     model.model_name = name
     if weights is not None:
