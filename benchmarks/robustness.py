@@ -3,6 +3,7 @@
     python -m benchmarks.robustness --model ddrnet23_slim --split val --json out.json
     python -m benchmarks.robustness --model bisenetv1 --defenses none,zmask,lgs --conditions none,eot_L --limit 4
     python -m benchmarks.robustness --model ddrnet23_slim --resume          # continue an interrupted run
+    python -m benchmarks.robustness --model fcos_ddrnet --task detection   # detectors: benchmarks.robustness_detection
 
 For each defense x condition (clean, random_L, eot_S/M/L, beta0.1-0.9_L, defense-aware adv* patches
 found in the library): mIoU outside the patch (patch pixels and void ignored, CamVid labels), mask
@@ -43,6 +44,7 @@ from .robustness_runner import CellSettings, cell_signature, load_cell, run_cell
 from .robustness_summary import summarize_defense
 
 REPO = Path(__file__).resolve().parents[1]
+TASKS = ("segmentation", "detection")
 
 
 @dataclass
@@ -206,6 +208,16 @@ def run(cfg: RobustnessConfig) -> Dict:
             "conditions": {c.name: c.describe() for c in conds}, "results": results}
 
 
+def resolve_task(model: Optional[str], task: Optional[str]) -> str:
+    """``--task``, defaulting to the model's own; asking a segmenter for boxes (or the reverse) is an error."""
+    if model is None or model not in list_models():
+        return task or "segmentation"        # the chosen parser reports the missing / unknown model
+    own = "detection" if model in list_models("detection") else "segmentation"
+    if task is not None and task != own:
+        raise ValueError(f"model {model!r} is a {own} model; --task {task} does not apply to it")
+    return own
+
+
 def _csv(text: Optional[str]) -> Optional[List[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -214,6 +226,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
     p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="default: the model's task; detection runs benchmarks.robustness_detection (its own options)")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="val", help="any split folder present in the data dir")
     p.add_argument("--defenses", default=None, help="comma-separated (default: every registered defense)")
@@ -242,6 +256,18 @@ def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=TASKS, default=None)
+    pre.add_argument("--model", default=None)
+    known, rest = pre.parse_known_args(argv)
+    try:
+        task = resolve_task(known.model, known.task)
+    except ValueError as exc:
+        return report_error(exc)
+    if task == "detection":
+        from .robustness_detection import main as detection_main
+        return detection_main(rest + (["--model", known.model] if known.model else []))
     cfg = parse_args(argv)
     try:
         res = run(cfg)

@@ -1,7 +1,8 @@
 """Patch conditions of the robustness benchmark and the one deterministic placement per frame.
 
 Conditions come from the patch library (``realtime/attacks/library/<model>_<name>.png``): the clean
-frames (``none``), the paper's Table 4 set (``random_L``, ``eot_S``, ``eot_M``, ``eot_L``), the
+frames (``none``), the paper's Table 4 set (``random_L``, ``eot_S``, ``eot_M``, ``eot_L``), for detectors
+``apricot_L`` (false-detection patch), the
 beta sweep (``beta0.1_L`` ... ``beta0.9_L``) and any defense-aware patches (``advmask_a<alpha>_L``,
 ``advflag_a<alpha>_L``). Missing library files are skipped when conditions are not named explicitly.
 
@@ -27,6 +28,7 @@ from realtime.attacks.apply import CaptureConfig, Placement, apply_patch, load_p
 
 LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "library"
 TABLE4 = ("none", "random_L", "eot_S", "eot_M", "eot_L")
+DETECTION_EXTRA = ("apricot_L",)               # detector-only: a patch that makes false detections appear
 _BETA_RE = re.compile(r"^beta(?P<beta>\d+(?:\.\d+)?)_L$")
 _ADV_RE = re.compile(r"^adv(?P<kind>mask|flag)_a(?P<alpha>\d+(?:\.\d+)?)_L$")
 CAPTURES = ("none", "physical")
@@ -55,6 +57,8 @@ class Condition:
 def _order(name: str) -> Tuple:
     if name in TABLE4:
         return (0, TABLE4.index(name), 0.0)
+    if name in DETECTION_EXTRA:
+        return (0, len(TABLE4) + DETECTION_EXTRA.index(name), 0.0)
     m = _BETA_RE.match(name)
     if m:
         return (1, 0, float(m["beta"]))
@@ -66,7 +70,7 @@ def _order(name: str) -> Tuple:
 
 def known_condition(name: str) -> bool:
     """Whether ``name`` is a condition this benchmark knows how to read from the library."""
-    return name in TABLE4 or bool(_BETA_RE.match(name) or _ADV_RE.match(name))
+    return name in TABLE4 or name in DETECTION_EXTRA or bool(_BETA_RE.match(name) or _ADV_RE.match(name))
 
 
 def library_conditions(model: str, library: Path = LIBRARY) -> List[str]:
@@ -84,7 +88,7 @@ def load_condition(model: str, name: str, library: Path = LIBRARY) -> Condition:
     if name == "none":
         return Condition("none", "clean")
     if not known_condition(name):
-        raise KeyError(f"unknown condition {name!r}; known: {', '.join(TABLE4)}, beta<b>_L, "
+        raise KeyError(f"unknown condition {name!r}; known: {', '.join(TABLE4 + DETECTION_EXTRA)}, beta<b>_L, "
                        f"advmask_a<alpha>_L, advflag_a<alpha>_L")
     path = Path(library) / f"{model}_{name}.png"
     if not path.is_file():
@@ -93,7 +97,7 @@ def load_condition(model: str, name: str, library: Path = LIBRARY) -> Condition:
     patch, meta = load_patch_png(path)
     beta = _BETA_RE.match(name)
     adv = _ADV_RE.match(name)
-    kind = name.split("_")[0] if name.startswith(("random", "eot")) else (
+    kind = name.split("_")[0] if name.startswith(("random", "eot", "apricot")) else (
         "beta" if beta else f"adv-{adv['kind']}")
     alpha = float(adv["alpha"]) if adv else None
     return Condition(name, kind, patch, str(path), float(beta["beta"]) if beta else None, alpha,
@@ -152,5 +156,5 @@ def paste(x: torch.Tensor, patch: Optional[torch.Tensor], frame_indices: Sequenc
     return torch.cat(outs), torch.cat(masks)
 
 
-__all__ = ["CAPTURES", "Condition", "LIBRARY", "TABLE4", "capture_config", "frame_generator", "known_condition",
-           "library_conditions", "load_condition", "paste", "resolve_conditions"]
+__all__ = ["CAPTURES", "Condition", "DETECTION_EXTRA", "LIBRARY", "TABLE4", "capture_config", "frame_generator",
+           "known_condition", "library_conditions", "load_condition", "paste", "resolve_conditions"]

@@ -34,6 +34,7 @@ from realtime.data import CamVid
 from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
+from realtime.models.registry import model_task
 
 LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "library"
 
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-shallow", type=int, default=3)
     p.add_argument("--n-deep", type=int, default=2)
     p.add_argument("--mode", default="same", choices=["same", "demo"], help="SPR alignment")
+    p.add_argument("--work-scale", type=float, default=1.0,
+                   help="scale the paper's SPR working grid and kernels (0.5: a detector whose hooked maps are all "
+                        "<= 1/8 of the input loses nothing at half the paper's grid and costs 4x less)")
     p.add_argument("--patches", default=str(LIBRARY), help="folder of crafted patch PNGs (+JSON sidecars)")
     p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple"],
                    help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), auto = beta if any")
@@ -66,17 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def training_sources(args: argparse.Namespace, hw, fp: str):
+def training_sources(args: argparse.Namespace, hw, fp: str, task: str = "segmentation"):
     """The patched-frame sources for the block: the beta set when the library has one, else 'simple'."""
     lib = Path(args.patches) if args.patches else None
     if args.sources in ("auto", "beta") and lib is not None:
         beta = library_patches(lib, args.model, fp, kinds=("eot", "beta"), min_beta=0.5)
         if any("beta" in name for name, _ in beta):
-            return make_sources(hw, beta, seed=args.seed, half_contrast=False, include_random=False)
+            return make_sources(hw, beta, seed=args.seed, half_contrast=False, include_random=False, task=task)
         if args.sources == "beta":
             raise FileNotFoundError(f"no beta-controlled patches for {args.model} in {lib}")
     crafted = library_patches(lib, args.model, fp, kinds=("eot",)) if lib is not None else []
-    return make_sources(hw, crafted, seed=args.seed)
+    return make_sources(hw, crafted, seed=args.seed, task=task)
 
 
 def fit(args: argparse.Namespace) -> dict:
@@ -88,7 +92,11 @@ def fit(args: argparse.Namespace) -> dict:
     ds = CamVid(args.data, args.split)
     images, _ = ds.to_tensors(range(min(len(ds), args.stats_frames or len(ds))), progress=True)
     h, w = images.shape[-2:]
-    spr = SPRConfig.for_input(h, w, "segmentation", mode=args.mode)
+    task = model_task(model)
+    if not 0 < args.work_scale <= 1:
+        raise ValueError(f"--work-scale must be in (0, 1], got {args.work_scale}")
+    spr = SPRConfig.for_input(max(1, round(h * args.work_scale)), max(1, round(w * args.work_scale)), task,
+                              mode=args.mode)
     candidates = list(dict.fromkeys([*spec.candidates, *spec.shallow, *spec.deep]))
     stats = channel_stats(model, candidates, images, spr, args.batch_size)
 
@@ -96,7 +104,7 @@ def fit(args: argparse.Namespace) -> dict:
     step = max(len(images) // args.fit_frames, 1)
     fit_idx = list(range(0, len(images), step))[: args.fit_frames]
     clean_u8 = images[fit_idx]
-    sources = training_sources(args, (h, w), fp)
+    sources = training_sources(args, (h, w), fp, task)
     patched, masks, src_names = patch_frames(clean_u8, sources, seed=args.seed, capture=CaptureConfig.physical())
     gt_work = mask_to_work(masks, spr.work_size)
     hm_clean = layer_heatmaps(model, candidates, clean_u8, stats, spr, args.batch_size, "heatmaps clean")
@@ -126,7 +134,7 @@ def fit(args: argparse.Namespace) -> dict:
         extra={"ranking": [r.to_dict() for r in ranking], "layer_choice": args.shallow and "explicit" or args.layers,
                "estimator": "pooled per-channel mean/std over all working-grid pixels (Chan parallel update, float64)",
                "stats_frames": len(images), "fit_frames": n, "split": args.split,
-               "sources": sorted(set(src_names)), "fusion_history": history, "env": describe(dev),
+               "sources": sorted(set(src_names)), "task": task, "fusion_history": history, "env": describe(dev),
                "seconds": round(time.time() - t0, 1)})
     out = Path(args.out or Path("calibration") / "shipped" / f"{args.model}.safetensors")
     cal.save(out)

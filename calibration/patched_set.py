@@ -47,11 +47,14 @@ def library_patches(directory: Path, model_name: str, fingerprint: str, kinds: S
 
 
 def make_sources(input_hw: Tuple[int, int], crafted: Sequence[Tuple[str, torch.Tensor]], seed: int = 0,
-                 half_contrast: bool = True, include_random: bool = True) -> List[PatchSource]:
+                 half_contrast: bool = True, include_random: bool = True,
+                 task: str = "segmentation") -> List[PatchSource]:
+    """Random-noise S/M/L patches (the task's paper sizes) and each crafted patch, optionally again at half contrast."""
     g = torch.Generator().manual_seed(seed)
     sources = []
     if include_random:
-        sources = [PatchSource(f"random-{s}", "random", random_patch(patch_size_for(s, input_hw), g)) for s in "SML"]
+        sources = [PatchSource(f"random-{s}", "random", random_patch(patch_size_for(s, input_hw, task), g))
+                   for s in "SML"]
     for name, p in crafted:
         sources.append(PatchSource(name, "crafted", p))
         if half_contrast:

@@ -3,7 +3,9 @@
 The backbone always runs through an engine from ``engines`` (``--engine torch|compile|onnxruntime|
 tensorrt|torch_tensorrt``, ``--precision``), built for the pipeline's input size with the layers the
 calibration taps; Z-Mask is then built on the engine's taps, and ``--defense none`` uses
-``engine.plain``. Any problem with the arguments, model, calibration or backend is a ``UsageError``
+``engine.plain``. Detectors (``list_models("detection")``) return per-image box dicts, which the
+engines (built around one output tensor) do not carry, so they run eagerly on the module with hooked
+taps: ``--engine torch --precision fp32`` only, for now. Any problem with the arguments, model, calibration or backend is a ``UsageError``
 (one line, exit status 2).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from engines import EngineConfig, EngineError, build_engine, engine_class
 from realtime.models import build_model
+from realtime.models.registry import model_task
 from realtime.pipeline import PipelineConfig, PlainEngine, ZMaskEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +38,19 @@ def calibration_path(args: argparse.Namespace) -> Path:
     return Path(args.calibration) if args.calibration else REPO / "calibration" / "shipped" / f"{args.model}.safetensors"
 
 
+def weights_arg(text: Optional[str]) -> Optional[str]:
+    """``--weights``: ``none`` keeps the random initialisation (development, tests), else as given."""
+    return None if text is None or text.lower() == "none" else text
+
+
 def load_model_and_calibration(args: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Any]:
     """The model and (with ``--defense zmask``) its calibration, checked against each other."""
     try:
-        model = build_model(args.model, weights=args.weights, device=device)
+        model = build_model(args.model, weights=weights_arg(args.weights), device=device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise UsageError(f"cannot load model '{args.model}': {exc}") from None
+    if model_task(model) == "detection":
+        check_detector_engine(args)
     if args.defense != "zmask":
         return model, None
     from calibration.artifact import load_calibration
@@ -71,9 +81,26 @@ def make_engine(args: argparse.Namespace, model: torch.nn.Module, layers: Tuple[
     return engine
 
 
+def check_detector_engine(args: argparse.Namespace) -> None:
+    """Detectors run eagerly (the engines carry one output tensor, not per-image box dicts)."""
+    if args.engine != "torch" or args.precision != "fp32":
+        raise UsageError(f"detectors run on --engine torch for now, in fp32 (model '{args.model}' got "
+                         f"--engine {args.engine} --precision {args.precision})")
+
+
+def make_detector_backend(args: argparse.Namespace, model: torch.nn.Module, layers: Tuple[str, ...],
+                          device: torch.device, imgsz: Tuple[int, int]) -> Dict[str, Any]:
+    """Warm the detector up (first-call costs before the first frame) and describe how it runs."""
+    with torch.inference_mode():
+        model(torch.rand(1, 3, *imgsz, device=device))
+    return {"engine": "torch", "device": str(device), "precision": "fp32", "layers": list(layers),
+            "input_shape": list(imgsz), "model": args.model, "eager_module": True}
+
+
 def baseline_runtime(args: argparse.Namespace, model: torch.nn.Module, engine: Any, device: torch.device,
-                     cfg: PipelineConfig) -> Tuple[Any, Dict[str, Any]]:
-    """A registered baseline defense (LGS, PatchZero, FPDA...) on the engine's forward pass."""
+                     cfg: PipelineConfig, engine_desc: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    """A registered baseline defense (LGS, PatchZero, FPDA...) on the engine's forward pass
+    (``engine`` None: on the module itself, as for detectors)."""
     from realtime.defense_step import DefenseStep
     from realtime.defenses.registry import DefenseContext, build_defense
     ctx = DefenseContext(model, args.model, device=device, engine=engine, data=args.data)
@@ -81,22 +108,34 @@ def baseline_runtime(args: argparse.Namespace, model: torch.nn.Module, engine: A
         defense = build_defense(args.defense, ctx)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise UsageError(f"--defense {args.defense}: {_one_line(exc)}") from None
-    desc = {**defense.describe(), "voting": cfg.voting.describe(), "engine": engine.describe()}
-    return DefenseStep(defense, cfg.voting, device, cfg.fail_closed, plain=engine.plain), desc
+    desc = {**defense.describe(), "voting": cfg.voting.describe(), "engine": engine_desc}
+    plain = engine.plain if engine is not None else model
+    return DefenseStep(defense, cfg.voting, device, cfg.fail_closed, plain=plain, task=model_task(model)), desc
 
 
 def build_runtime(args: argparse.Namespace, device: torch.device, cfg: PipelineConfig
                   ) -> Tuple[Any, Dict[str, Any], Tuple[int, int]]:
-    """(pipeline step engine, description for the summary, model input size)."""
+    """(pipeline step engine, description for the summary, model input size).
+
+    A detector's description also carries ``task`` and ``class_names`` (what the sinks label boxes with)."""
     model, cal = load_model_and_calibration(args, device)
+    task = model_task(model)
     cal_size: Optional[Tuple[int, int]] = tuple(int(v) for v in cal.input_size) if cal is not None else None
     imgsz = tuple(cfg.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
-    engine = make_engine(args, model, layers, device, imgsz)
+    if task == "detection":
+        engine, engine_desc = None, make_detector_backend(args, model, layers, device, imgsz)
+        task_desc: Dict[str, Any] = {"task": task, "class_names": list(getattr(model, "class_names", ()))}
+    else:
+        engine = make_engine(args, model, layers, device, imgsz)
+        engine_desc, task_desc = engine.describe(), {}
     if args.defense == "none":
-        return PlainEngine(engine.plain, device), {"defense": "none", "engine": engine.describe()}, imgsz
+        plain = engine.plain if engine is not None else model
+        return (PlainEngine(plain, device, task=task), {"defense": "none", "engine": engine_desc, **task_desc},
+                imgsz)
     if cal is None:
-        return baseline_runtime(args, model, engine, device, cfg) + (imgsz,)
+        step, desc = baseline_runtime(args, model, engine, device, cfg, engine_desc)
+        return step, {**desc, **task_desc}, imgsz
     from realtime.defenses.registry import DefenseContext, build_defense
     ctx = DefenseContext(model, args.model, device=device, calibration=calibration_path(args), engine=engine)
     try:
@@ -105,5 +144,6 @@ def build_runtime(args: argparse.Namespace, device: torch.device, cfg: PipelineC
         raise UsageError(f"--calibration {calibration_path(args)}: {_one_line(exc)}") from None
     desc = {"defense": "zmask", "calibration": str(calibration_path(args)), "lambda0": zm.cfg.lambda0,
             "calibration_lambda0": cal.config.lambda0, "calibration_fingerprint": cal.fingerprint,
-            "calibration_model": cal.model_name, "voting": cfg.voting.describe(), "engine": engine.describe()}
-    return ZMaskEngine(zm, cfg.voting, device, cfg.fail_closed, cfg.audit), desc, imgsz
+            "calibration_model": cal.model_name, "voting": cfg.voting.describe(), "engine": engine_desc,
+            **task_desc}
+    return ZMaskEngine(zm, cfg.voting, device, cfg.fail_closed, cfg.audit, task=task), desc, imgsz

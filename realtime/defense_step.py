@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator
 import torch
 
 from realtime.defenses.base import Defense
-from realtime.pipeline import Clock, StepResult, to_label
+from realtime.pipeline import Clock, StepResult, decode
 from realtime.voting import TemporalVoter, VotingConfig
 
 
@@ -23,8 +23,8 @@ class DefenseStep:
     """``step(x) -> StepResult`` around a ``Defense``; stage names are the defense's own."""
 
     def __init__(self, defense: Defense, voting: VotingConfig, device: torch.device, fail_closed: bool = False,
-                 plain: Any = None) -> None:
-        self.defense, self.clock, self.fail_closed = defense, Clock(device), fail_closed
+                 plain: Any = None, task: str = "segmentation") -> None:
+        self.defense, self.clock, self.fail_closed, self.task = defense, Clock(device), fail_closed, task
         self.voter = TemporalVoter(voting)
         self.plain = plain if plain is not None else defense.model
 
@@ -45,7 +45,7 @@ class DefenseStep:
             with torch.no_grad() if not self.defense.needs_grad else torch.enable_grad():
                 res = self.defense(x, self._timer(st))
             t0 = self.clock()
-            label = to_label(res.output)
+            out = decode(res.output, self.task)
             masked = None
             if res.mask is not None:
                 m = res.mask[0, 0].detach() < 0.5
@@ -54,7 +54,7 @@ class DefenseStep:
             score = float(res.score[0]) if res.score is not None else None
             vs = self.voter.update(flagged)
             st["postprocess"] = self.clock() - t0
-            return StepResult(label=label, masked=masked, score=score, flagged=flagged,
+            return StepResult(**out, masked=masked, score=score, flagged=flagged,
                               second_pass=res.first_output is not None and res.first_output is not res.output,
                               alarm=vs.alarm, raised=vs.raised, cleared=vs.cleared, stages=st)
         except Exception as exc:  # the policy decides what a failed defense means for this frame
@@ -62,8 +62,8 @@ class DefenseStep:
             if self.fail_closed:
                 return StepResult(label=None, unsafe=True, error=msg, alarm=self.voter.alarm, stages=st)
             with self._timer(st)("backbone"), torch.no_grad():
-                label = to_label(self.plain(x))
-            return StepResult(label=label, error=msg, alarm=self.voter.alarm, stages=st)
+                out = decode(self.plain(x), self.task)
+            return StepResult(**out, error=msg, alarm=self.voter.alarm, stages=st)
 
 
 __all__ = ["DefenseStep"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from realtime.defenses.zmask import validate_input
+from realtime.sinks.boxes import Boxes, to_boxes
 from realtime.sources import Frame, Source, SourceDied, SourceError, make_queue
 from realtime.voting import TemporalVoter, VotingConfig
 
@@ -41,7 +42,10 @@ class PipelineConfig:
 
 @dataclass
 class StepResult:
-    """What the compute stage decided for one frame (masks are HxW bool at model resolution)."""
+    """What the compute stage decided for one frame (masks are HxW bool at model resolution).
+
+    The output is ``label`` (segmenters: HxW class map) or ``boxes`` (detectors); neither is set on
+    an unsafe frame."""
     label: Optional[np.ndarray]
     masked: Optional[np.ndarray] = None
     score: Optional[float] = None
@@ -56,6 +60,7 @@ class StepResult:
     unsafe: bool = False
     error: Optional[str] = None
     stages: Dict[str, float] = field(default_factory=dict)
+    boxes: Optional[Boxes] = None
 
 
 @dataclass
@@ -121,19 +126,26 @@ def to_label(logits: Any) -> np.ndarray:
     return logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
 
 
+def decode(output: Any, task: str = "segmentation") -> Dict[str, Any]:
+    """The frame's output as StepResult fields: ``label`` for segmenters, ``boxes`` for detectors
+    (``realtime.models.registry.model_task``), so every step handles both tasks in one place."""
+    return {"label": None, "boxes": to_boxes(output)} if task == "detection" else {"label": to_label(output)}
+
+
 class PlainEngine:
     """``--defense none``: the backbone alone (no score, no alarm); ``model`` is a module or ``engine.plain``."""
 
-    def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device) -> None:
-        self.model, self.clock = model, Clock(device)
+    def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device,
+                 task: str = "segmentation") -> None:
+        self.model, self.clock, self.task = model, Clock(device), task
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor) -> StepResult:
         t0 = self.clock()
         out = self.model(x)
         t1 = self.clock()
-        label = to_label(out)
-        return StepResult(label=label, stages={"backbone": t1 - t0, "postprocess": self.clock() - t1})
+        res = decode(out, self.task)
+        return StepResult(**res, stages={"backbone": t1 - t0, "postprocess": self.clock() - t1})
 
 
 class ZMaskEngine:
@@ -145,8 +157,8 @@ class ZMaskEngine:
     """
 
     def __init__(self, zm: Any, voting: VotingConfig, device: torch.device, fail_closed: bool = False,
-                 audit: bool = False) -> None:
-        self.zm, self.voter = zm, TemporalVoter(voting)
+                 audit: bool = False, task: str = "segmentation") -> None:
+        self.zm, self.voter, self.task = zm, TemporalVoter(voting), task
         self.clock, self.fail_closed, self.audit = Clock(device), fail_closed, audit
 
     def _first_pass(self, x: torch.Tensor, st: Dict[str, float]) -> Tuple[Any, bool, torch.Tensor, float]:
@@ -191,10 +203,10 @@ class ZMaskEngine:
             masked = prop
         t2 = self.clock()
         st["second_pass"] = t2 - t1
-        label = to_label(out)
+        res = decode(out, self.task)
         m = masked[0, 0].to("cpu").numpy() > 0.5 if masked is not None else None
         st["postprocess"] = self.clock() - t2
-        return StepResult(label=label, masked=m, score=score, flagged=flagged, carried=carried,
+        return StepResult(**res, masked=m, score=score, flagged=flagged, carried=carried,
                           propagated=prop is not None, second_pass=flagged, raw_flagged=raw_flagged,
                           alarm=vs.alarm, raised=vs.raised, cleared=vs.cleared, stages=st)
 
@@ -205,9 +217,9 @@ class ZMaskEngine:
             return StepResult(label=None, unsafe=True, error=msg, alarm=alarm, stages=st)
         try:
             t0 = self.clock()
-            label = to_label(self.zm.taps.plain(x))
+            res = decode(self.zm.taps.plain(x), self.task)
             st["backbone"] = st.get("backbone", 0.0) + self.clock() - t0
-            return StepResult(label=label, error=msg, alarm=alarm, stages=st)
+            return StepResult(**res, error=msg, alarm=alarm, stages=st)
         except Exception as exc2:  # not even the plain model runs: nothing trustworthy to emit
             return StepResult(label=None, unsafe=True, error=f"{msg}; plain pass: {exc2}"[:300], alarm=alarm,
                               stages=st)

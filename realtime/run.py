@@ -1,4 +1,4 @@
-"""Defended real-time segmentation: ``python -m realtime.run --source SOURCE``.
+"""Defended real-time segmentation or detection: ``python -m realtime.run --source SOURCE``.
 
 Sources (Ultralytics-style): camera0 | video.mp4 | rtsp://host/stream | frames/ | 'frames/*.png' |
 camvid:0016E5[@train] | demo (default: a CamVid drive with a crafted patch on a facade).
@@ -12,6 +12,10 @@ examples:
   python -m realtime.run --source camvid:0006R0@train --defense none
   python -m realtime.run --engine onnxruntime              # same defense, backbone in onnxruntime
   python -m realtime.run --device cuda --engine tensorrt --precision fp16
+  python -m realtime.run --model fcos_ddrnet --defense none --box-threshold 0.5   # a detector: boxes out
+
+detectors (--model from realtime.models.list_models("detection")) run on --engine torch in fp32; the
+video shows boxes scoring >= --box-threshold and each frame event lists them under "boxes".
 
 defaults: --vote 3/5 --clear 5 --mask-window 3 --dilate 16, chosen on replayed CamVid sequences
 (benchmarks/results/realtime_cpu.md). Propagation masks a frame before the backbone only while the
@@ -31,7 +35,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 # Before torch loads OpenMP: idle OpenMP workers must sleep, not spin, or they starve this
 # pipeline's own decode/sink threads (measured on 2 cores: a 64x96 backbone pass went from
@@ -50,6 +54,7 @@ from realtime.devices import describe, pick_device  # noqa: E402
 from realtime.models import list_models  # noqa: E402
 from realtime.defenses.registry import list_defenses  # noqa: E402
 from realtime.pipeline import PipelineConfig, RunInfo, StepResult, Work, run_pipeline  # noqa: E402
+from realtime.sinks.boxes import box_records  # noqa: E402
 from realtime.sinks.display import open_display  # noqa: E402
 from realtime.sinks.events import EventWriter, RunStats, iou, mask_box  # noqa: E402
 from realtime.sinks.video import VideoWriter, annotate  # noqa: E402
@@ -64,7 +69,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="demo", help="cameraN, file, URL, folder, glob, camvid:SEQ or demo")
     p.add_argument("--model", default="ddrnet23_slim", choices=list_models())
-    p.add_argument("--weights", default="default", help="checkpoint path (default: the shipped CamVid weights)")
+    p.add_argument("--weights", default="default",
+                   help="checkpoint path (default: the shipped CamVid weights; 'none': random init, for testing)")
     p.add_argument("--defense", default="zmask", choices=list_defenses(),
                    help="zmask (default), none, or a baseline: lgs, slgs, wlgs, patchzero, taintradar, fpda, hn")
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
@@ -88,6 +94,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-propagate", action="store_true", help="never mask a frame before its first pass")
     p.add_argument("--fail-closed", action="store_true",
                    help="a frame whose defense fails gets NO output (marked unsafe) instead of an undefended one")
+    p.add_argument("--box-threshold", type=float, default=0.4,
+                   help="detectors: boxes scoring at least this are drawn and logged (default 0.4)")
     p.add_argument("--show", action="store_true", help="on-screen window when a display exists")
     p.add_argument("--realtime", action="store_true", help="pace file/folder replays at their fps (drops frames)")
     p.add_argument("--imgsz", default=None, help="model input HxW (default: the calibration's, else 360x480)")
@@ -117,7 +125,8 @@ class Outputs:
     """The sinks: annotated video, events, summary statistics, optional window, progress display."""
 
     def __init__(self, args: argparse.Namespace, source: Source, paths: Dict[str, Optional[Path]],
-                 defended: bool, live: bool, total: Optional[int]) -> None:
+                 defended: bool, live: bool, total: Optional[int],
+                 class_names: Optional[Sequence[str]] = None) -> None:
         fps = source.fps or args.fps
         self.video = VideoWriter(paths["video"], fps=min(max(fps, 1.0), 60.0)) if paths["video"] else None
         self.events = EventWriter(paths["events"]) if paths["events"] else None
@@ -130,6 +139,9 @@ class Outputs:
         self.done: Deque[float] = deque(maxlen=30)
         self.t_line = 0.0
         self.dropped = lambda: 0
+        # a detector's label names (None for a segmenter) and the score its boxes must reach to be shown
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.box_threshold = args.box_threshold
 
     def quit_requested(self) -> bool:
         return self.display is not None and self.display.quit_requested
@@ -144,8 +156,9 @@ class Outputs:
         score = f"d={r.score:.3f}  " if r.score is not None else ""
         info = f"#{w.frame.index}  {score}{fps:4.1f} FPS"
         gt = _resize_mask(w.frame.gt_mask, w.rgb.shape[:2]) if w.frame.gt_mask is not None else None
+        shown = r.boxes.above(self.box_threshold) if r.boxes is not None else None
         if self.video is not None or self.display is not None:
-            img = annotate(w.rgb, r.label, r.masked, gt, state, info, banner)
+            img = annotate(w.rgb, r.label, r.masked, gt, state, info, banner, shown, self.class_names or ())
             if self.video is not None:
                 self.video.write(img)
             if self.display is not None:
@@ -164,6 +177,8 @@ class Outputs:
             "latency_ms": round((time.perf_counter() - w.t_read) * 1000.0, 2)}
         if r.raw_flagged is not None:
             rec["raw_flagged"] = r.raw_flagged
+        if self.class_names is not None:   # a detector: its boxes (None on an unsafe frame: no output)
+            rec["boxes"] = box_records(shown, self.class_names) if shown is not None else None
         if gt is not None:
             c = iou(r.masked, gt)
             rec.update(gt_patch=bool(gt.any()), gt_inter=c["inter"], gt_union=c["union"],
@@ -213,6 +228,8 @@ def run(args: argparse.Namespace) -> Tuple[int, Dict[str, Any]]:
     """Everything behind the CLI; returns (exit status, summary)."""
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
+    if not 0.0 <= args.box_threshold <= 1.0:
+        raise UsageError("--box-threshold must be in [0, 1]")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError("--threads must be >= 1")
@@ -235,7 +252,7 @@ def run(args: argparse.Namespace) -> Tuple[int, Dict[str, Any]]:
         total = min(x for x in (source.length, cfg.max_frames) if x is not None) \
             if (source.length or cfg.max_frames) else None
         paths = output_paths(args, source.name)
-        out = Outputs(args, source, paths, args.defense != "none", live, total)
+        out = Outputs(args, source, paths, args.defense != "none", live, total, desc.get("class_names"))
         info = RunInfo()
         out.dropped = lambda: info.dropped
         try:
@@ -247,6 +264,7 @@ def run(args: argparse.Namespace) -> Tuple[int, Dict[str, Any]]:
     summary: Dict[str, Any] = {"source": args.source, "kind": source_kind(args.source), "model": args.model,
                                **desc, "imgsz": list(imgsz), "device": describe(device),
                                **out.stats.summary(info.wall_s, info.read, info.dropped),
+                               **({"box_threshold": args.box_threshold} if "task" in desc else {}),
                                "interrupted": info.interrupted, "source_error": info.source_error,
                                "outputs": {k: str(v) if v else None for k, v in paths.items()}}
     if paths["video"] is not None and out.video is not None and out.video.frames == 0:

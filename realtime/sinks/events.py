@@ -1,7 +1,7 @@
 """JSON-lines events and the run summary.
 
 Events: one ``{"type": "frame", ...}`` line per processed frame (frame, timestamp, score, alarm,
-mask box, per-stage ms ...) and one ``{"type": "alarm", "state": "on"|"off"}`` line per alarm
+mask box, per-stage ms ...; for detectors also ``"boxes": [{"label", "score", "box"}, ...]``) and one ``{"type": "alarm", "state": "on"|"off"}`` line per alarm
 transition. Every line is flushed, so a killed run leaves a valid file up to its last frame.
 
 Summary: counts, latency percentiles per stage, and, when the source knows where the patch is
@@ -98,6 +98,10 @@ class RunStats:
         lat["compute"] = _pct([x["compute_ms"] for x in r if "compute_ms" in x])
         lat["end_to_end"] = _pct([x["latency_ms"] for x in r if "latency_ms" in x])
         s["latency_ms"] = {k: v for k, v in lat.items() if v}
+        shown = [x["boxes"] for x in r if "boxes" in x]
+        if shown:    # a detector's run: how much it reported (frames with no output carry None)
+            s["detections"] = {"boxes": sum(len(b) for b in shown if b),
+                               "frames_with_boxes": sum(1 for b in shown if b)}
         gt = [x for x in r if "gt_patch" in x]
         if gt:
             s["ground_truth"] = self._gt_summary(gt)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import av
 import cv2
 import numpy as np
 
 from realtime.data.camvid import PALETTE
+from realtime.sinks.boxes import Boxes, draw_boxes
 
 
 def overlay_segmentation(frame: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -99,17 +100,21 @@ def draw_outline(frame: np.ndarray, mask: np.ndarray, color=(255, 230, 0)) -> np
 
 
 def annotate(image: np.ndarray, label: Optional[np.ndarray], masked: Optional[np.ndarray],
-             gt_mask: Optional[np.ndarray], state: str, info: str, banner: str) -> np.ndarray:
+             gt_mask: Optional[np.ndarray], state: str, info: str, banner: str,
+             boxes: Optional[Boxes] = None, class_names: Sequence[str] = ()) -> np.ndarray:
     """Two panels under a banner: camera frame with the defense mask (magenta) and ground truth
-    (yellow outline), and the defended segmentation; ``state`` picks the banner colour
-    (alarm/clear/unsafe/off). An unsafe frame (fail-closed) shows no segmentation at all."""
+    (yellow outline), and the defended output: the segmentation (``label``) or, for a detector, the
+    ``boxes`` to show (already thresholded) drawn with ``class_names``; ``state`` picks the banner
+    colour (alarm/clear/unsafe/off). An unsafe frame (fail-closed) shows no output at all."""
     left = draw_outline(draw_mask(image.copy(), masked), gt_mask)
-    if label is None:
+    if label is None and boxes is None:
         right = np.full_like(image, 40)
         put_text(right, "NO OUTPUT (defense failed, fail-closed)", (8, image.shape[0] // 2), 0.5)
-    else:
+    elif label is not None:
         right = overlay_segmentation(image, label)
         draw_mask(right, masked, color=(0, 0, 0), alpha=0.6)
+    else:   # the detector saw the masked pixels filled in: show them blacked out, boxes on top
+        right = draw_boxes(draw_mask(image.copy(), masked, color=(0, 0, 0), alpha=0.6), boxes, class_names)
     body = np.concatenate([left, right], axis=1)
     bar = np.zeros((28, body.shape[1], 3), np.uint8)
     bar[:] = BANNER_COLORS.get(state, BANNER_COLORS["off"])
