@@ -14,12 +14,14 @@ setup(
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
     package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
                   "realtime.defenses": ["weights/*.pt", "weights/*.json"],
+                  "realtime.detection": ["weights/*.pt", "weights/*.json"],
                   "calibration": ["shipped/*"]},
     install_requires=[
         # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
         # install requirements/cpu.txt first (torch==2.13.0 CPU wheel), which satisfies this.
         "torch>=2.4", "torchvision>=0.19", "numpy>=1.26", "pillow>=10", "opencv-python-headless>=4.10",
         "av>=12", "tqdm>=4.66", "matplotlib>=3.8", "safetensors>=0.4", "scikit-learn>=1.4",
+        "pycocotools>=2.0.7",
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],

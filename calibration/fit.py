@@ -23,7 +23,7 @@ import torch
 
 from calibration.artifact import Calibration
 from calibration.collect import channel_stats, layer_heatmaps
-from calibration.fusion_train import scores, train_fusion
+from calibration.fusion_train import best_mask_threshold, scores, train_fusion
 from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
@@ -60,9 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scale the paper's SPR working grid and kernels (0.5: a detector whose hooked maps are all "
                         "<= 1/8 of the input loses nothing at half the paper's grid and costs 4x less)")
     p.add_argument("--patches", default=str(LIBRARY), help="folder of crafted patch PNGs (+JSON sidecars)")
-    p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple"],
-                   help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), auto = beta if any")
+    p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple", "crafted"],
+                   help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), crafted (EOT at "
+                        "full and half contrast, no noise), auto = beta if any")
     p.add_argument("--max-fpr", type=float, default=0.01)
+    p.add_argument("--mask-threshold", default="0.5",
+                   help="threshold on the soft mask M~ (paper: 0.5), or 'auto': the best pooled IoU with the true "
+                        "patch masks on the patched calibration frames")
     p.add_argument("--fusion-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +84,9 @@ def training_sources(args: argparse.Namespace, hw, fp: str, task: str = "segment
         if args.sources == "beta":
             raise FileNotFoundError(f"no beta-controlled patches for {args.model} in {lib}")
     crafted = library_patches(lib, args.model, fp, kinds=("eot",)) if lib is not None else []
-    return make_sources(hw, crafted, seed=args.seed, task=task)
+    if args.sources == "crafted" and not crafted:
+        raise FileNotFoundError(f"no EOT patches for {args.model} (fingerprint {fp}) in {lib}")
+    return make_sources(hw, crafted, seed=args.seed, task=task, include_random=args.sources != "crafted")
 
 
 def fit(args: argparse.Namespace) -> dict:
@@ -125,7 +131,11 @@ def fit(args: argparse.Namespace) -> dict:
     soft, d = scores(block, h_s, h_d)
     n = len(clean_u8)
     rep = roc_report(d[:n].numpy(), d[n:].numpy(), args.max_fpr)
-    cfg = ZMaskConfig(shallow=tuple(shallow), deep=tuple(deep), spr=spr, lambda0=rep.chosen.threshold)
+    mask_thr, mask_ious = best_mask_threshold(soft[n:], gt_work)
+    if args.mask_threshold != "auto":
+        mask_thr = float(args.mask_threshold)
+    cfg = ZMaskConfig(shallow=tuple(shallow), deep=tuple(deep), spr=spr, lambda0=rep.chosen.threshold,
+                      mask_threshold=mask_thr)
     used = list(dict.fromkeys([*shallow, *deep]))
     cal = Calibration(
         model_name=args.model, fingerprint=fp, input_size=(h, w), config=cfg,
@@ -134,7 +144,8 @@ def fit(args: argparse.Namespace) -> dict:
         extra={"ranking": [r.to_dict() for r in ranking], "layer_choice": args.shallow and "explicit" or args.layers,
                "estimator": "pooled per-channel mean/std over all working-grid pixels (Chan parallel update, float64)",
                "stats_frames": len(images), "fit_frames": n, "split": args.split,
-               "sources": sorted(set(src_names)), "task": task, "fusion_history": history, "env": describe(dev),
+               "sources": sorted(set(src_names)), "task": task,
+               "mask_threshold": {"chosen": mask_thr, "rule": args.mask_threshold, "iou_by_threshold": mask_ious}, "fusion_history": history, "env": describe(dev),
                "seconds": round(time.time() - t0, 1)})
     out = Path(args.out or Path("calibration") / "shipped" / f"{args.model}.safetensors")
     cal.save(out)
@@ -152,7 +163,7 @@ def fit(args: argparse.Namespace) -> dict:
         f"# Layer ranking for {args.model} ({n} clean + {n} patched {args.split} frames)\n\n"
         + ranking_markdown(ranking, shallow, deep) + "\n")
     summary = {"artifact": str(out), "model": args.model, "fingerprint": fp, "shallow": shallow, "deep": deep,
-               "lambda0": cfg.lambda0, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],
+               "lambda0": cfg.lambda0, "mask_threshold": mask_thr, "mask_iou_by_threshold": mask_ious, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],
                "youden": rep.to_dict()["youden"], "fusion": block.to_dict(), "seconds": round(time.time() - t0, 1)}
     write_json(report / "fit.json", summary)
     return summary

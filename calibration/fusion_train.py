@@ -38,3 +38,20 @@ def train_fusion(h_s: torch.Tensor, h_d: torch.Tensor, target: torch.Tensor, ste
 def scores(block: FusionBlock, h_s: torch.Tensor, h_d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(soft masks, d) for precomputed heatmaps."""
     return block(h_s, h_d)
+
+
+MASK_THRESHOLDS: Tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+def best_mask_threshold(soft: torch.Tensor, gt: torch.Tensor, grid: Tuple[float, ...] = MASK_THRESHOLDS
+                        ) -> Tuple[float, Dict[float, float]]:
+    """Threshold on M~ with the highest pooled IoU against the true patch masks (working grid), and the
+    IoU at every grid value. The paper thresholds at 0.5; a block whose soft masks peak at the patch centre
+    (our detector's) covers only part of the patch there, and what is left of a patch still attacks."""
+    target = gt > 0.5
+    ious = {}
+    for t in grid:
+        pred = soft > t
+        union = (pred | target).sum().item()
+        ious[t] = (pred & target).sum().item() / union if union else 0.0
+    return max(grid, key=lambda t: (ious[t], t)), ious

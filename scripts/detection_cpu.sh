@@ -19,7 +19,7 @@ craft apricot L "$STEPS" --target-class car
 # calibrate before the S/M patches exist: the block sees noise S/M/L and the EOT L patch (full and half
 # contrast) only, so eot_S, eot_M and apricot_L are unseen attacks in the benchmark
 [ -f calibration/shipped/$M.safetensors ] || $PY -m calibration.fit --model $M --data "$DATA" --work-scale 0.5 \
-  --fit-frames 120 --batch-size 4 > runs/detection/calibration.log 2>&1
+  --fit-frames 120 --batch-size 4 --mask-threshold auto > runs/detection/calibration.log 2>&1
 tail -n 3 runs/detection/calibration.log
 craft eot M "$STEPS"
 craft eot S "$STEPS"
