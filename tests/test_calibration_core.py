@@ -40,3 +40,17 @@ def test_lambda0_respects_fpr_and_youden():
     assert rep.youden.tpr - rep.youden.fpr == pytest.approx(0.5)
     sep = roc_report(np.zeros(10), np.ones(10))
     assert sep.auc == 1.0 and sep.chosen.tpr == 1.0 and sep.chosen.fpr == 0.0
+
+
+def test_best_mask_threshold_picks_the_iou_maximum() -> None:
+    from calibration.fusion_train import best_mask_threshold
+    gt = torch.zeros(1, 1, 10, 10)
+    gt[..., 2:8, 2:8] = 1                                   # 36 true pixels
+    soft = torch.zeros(1, 1, 10, 10)
+    soft[..., 2:8, 2:8] = 0.15                              # the patch's rim: weak
+    soft[..., 4:6, 4:6] = 0.9                               # its centre: strong
+    thr, ious = best_mask_threshold(soft, gt, grid=(0.1, 0.2, 0.5))
+    assert thr == 0.1 and ious[0.1] == 1.0
+    assert ious[0.2] == ious[0.5] == 4 / 36
+    thr, _ = best_mask_threshold(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), grid=(0.1, 0.5))
+    assert thr == 0.5                                       # nothing to mask: ties go to the higher threshold
