@@ -39,7 +39,7 @@ def _patch_hw(text: str) -> Tuple[int, int]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m realtime.attacks.craft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models("segmentation"))}")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models('segmentation'))}")
     p.add_argument("--weights", default="default", help="checkpoint path, or 'default' for the shipped weights")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="train", help="frames the patch is optimised on")
@@ -97,8 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        if args.model not in list_models():
-            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models("segmentation"))}")
+        if args.model not in list_models('segmentation'):
+            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models('segmentation'))}")
         if args.hw is None and args.size.upper() not in PATCH_SIZES_1024x2048:
             raise KeyError(f"unknown patch size '{args.size}'; choose from {sorted(PATCH_SIZES_1024x2048)}")
         if out.suffix.lower() != ".png":

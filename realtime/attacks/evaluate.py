@@ -72,7 +72,7 @@ def evaluate_patch(model: torch.nn.Module, images_u8: torch.Tensor, labels_u8: t
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m realtime.attacks.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models("segmentation"))}")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models('segmentation'))}")
     p.add_argument("--weights", default="default")
     p.add_argument("--patch", required=True, help="patch PNG written by realtime.attacks.craft")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
@@ -92,8 +92,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        if args.model not in list_models():
-            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models("segmentation"))}")
+        if args.model not in list_models('segmentation'):
+            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models('segmentation'))}")
         patch, meta = load_patch_png(args.patch)
         ds = CamVid(args.data, args.split)
         dev = pick_device(args.device)
