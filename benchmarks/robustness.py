@@ -25,7 +25,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -268,9 +268,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if task == "detection":
         from .robustness_detection import main as detection_main
         return detection_main(rest + (["--model", known.model] if known.model else []))
-    cfg = parse_args(argv)
+    return run_and_write(parse_args(argv), run, write_outputs, model_markdown)
+
+
+def run_and_write(cfg: Any, run_fn: Callable[[Any], Dict], write_fn: Callable[[Dict, Path], List[Path]],
+                  markdown_fn: Callable[[Dict], str]) -> int:
+    """Run one benchmark config and write its JSON (and the ``--json`` copy), plots and markdown; shared by
+    the segmentation and detection benchmarks. Ctrl-C keeps the finished cells for ``--resume``."""
     try:
-        res = run(cfg)
+        res = run_fn(cfg)
     except USER_ERRORS as exc:
         return report_error(exc)
     except KeyboardInterrupt:
@@ -281,8 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = write_json(out / f"robustness_{cfg.model}_{cfg.split}.json", res)
     if cfg.json:
         write_json(cfg.json, res)
-    files = write_outputs(res, out)
-    print(model_markdown(res))
+    files = write_fn(res, out)
+    print(markdown_fn(res))
     print("wrote " + ", ".join(str(f) for f in [path, *files]))
     return 0
 

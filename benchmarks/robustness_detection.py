@@ -31,14 +31,13 @@ import torch
 from tqdm import tqdm
 
 from realtime.attacks.apply import CaptureConfig, patch_size_for
-from realtime.cli import USER_ERRORS, report_error, write_json
 from realtime.data import CamVid, resolve_data_dir
 from realtime.data.detection import CamVidDetection
 from realtime.defenses.registry import DefenseContext
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
-from .robustness import git_commit, isolated_hooks, make_defense, validate_split
+from .robustness import git_commit, isolated_hooks, make_defense, run_and_write, validate_split
 from .robustness_conditions import CAPTURES, LIBRARY, Condition, capture_config, paste, resolve_conditions
 from .robustness_detection_report import (DEFAULT_DET_DIR, false_detections_on_patch, model_markdown,
                                           summarize_detection_defense, write_outputs)
@@ -285,23 +284,7 @@ def parse_args(argv: Optional[List[str]] = None) -> DetectionRobustnessConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = parse_args(argv)
-    try:
-        res = run(cfg)
-    except USER_ERRORS as exc:
-        return report_error(exc)
-    except KeyboardInterrupt:
-        print(f"interrupted: finished cells are in {Path(cfg.out_dir) / 'partial'}; rerun with --resume",
-              file=sys.stderr)
-        return 130
-    out = Path(cfg.out_dir)
-    path = write_json(out / f"robustness_{cfg.model}_{cfg.split}.json", res)
-    if cfg.json:
-        write_json(cfg.json, res)
-    files = write_outputs(res, out)
-    print(model_markdown(res))
-    print("wrote " + ", ".join(str(f) for f in [path, *files]))
-    return 0
+    return run_and_write(parse_args(argv), run, write_outputs, model_markdown)
 
 
 __all__ = ["DetectionCell", "DetectionRobustnessConfig", "false_detections_on_patch", "load_detection_cell",

@@ -20,12 +20,11 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..compat import import_torchvision
 from ..models.base import CAMVID_MEAN, CAMVID_STD, LayerSpec
-from ..models.ddrnet import DDRNet, build_ddrnet23_slim
+from ..models.ddrnet import DDRNet, build_ddrnet23_slim, ddrnet_trunk
 
 import_torchvision()
 from torchvision.models import detection as tvdet  # noqa: E402
@@ -91,23 +90,8 @@ class DDRNetPyramid(nn.Module):
             setattr(self, name, getattr(trunk, name))
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        x = self.layer1(self.conv1(x))
-        l2 = self.layer2(self.relu(x))
-        l3 = self.layer3(self.relu(l2))
-        hi = self.layer3_(self.relu(l2))
-        hsize = hi.shape[-2:]
-        lo = l3 + self.down3(self.relu(hi))
-        hi = hi + F.interpolate(self.compression3(self.relu(l3)), size=hsize, mode="bilinear", align_corners=False)
-        c4 = lo
-        l4 = self.layer4(self.relu(lo))
-        hi = self.layer4_(self.relu(hi))
-        lo = l4 + self.down4(self.relu(hi))
-        hi = hi + F.interpolate(self.compression4(self.relu(l4)), size=hsize, mode="bilinear", align_corners=False)
-        c5 = lo
-        hi = self.layer5_(self.relu(hi))
-        ctx = F.interpolate(self.spp(self.layer5(self.relu(lo))), size=hsize, mode="bilinear", align_corners=False)
-        c3 = hi + ctx
-        return OrderedDict([("c3", self.relu(c3)), ("c4", self.relu(c4)), ("c5", self.relu(c5))])
+        t = ddrnet_trunk(self, x)
+        return OrderedDict([("c3", self.relu(t.hi + t.ctx)), ("c4", self.relu(t.lo4)), ("c5", self.relu(t.lo5))])
 
 
 class PyramidBackbone(nn.Module):

@@ -9,7 +9,7 @@ Stage names used by Z-Mask (the paper hooks rb1, rb2, rbb1, rbb2). Our mapping t
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,36 @@ class SegHead(nn.Sequential):
                          nn.Conv2d(mid, num_classes, 1, bias=True))
 
 
+class TrunkFeatures(NamedTuple):
+    """DDRNet's branches after each fusion (strides for the input size)."""
+    aux: torch.Tensor    # high-resolution branch after the conv4 fusion (the auxiliary head's input), 1/8
+    lo4: torch.Tensor    # low-resolution branch after the conv4 fusion, 1/16
+    lo5: torch.Tensor    # low-resolution branch after the conv5_1 fusion, 1/32
+    hi: torch.Tensor     # high-resolution branch after layer5_ (rbb1), 1/8
+    ctx: torch.Tensor    # DAPPM context of layer5 (rbb2), upsampled to 1/8
+
+
+def ddrnet_trunk(m: nn.Module, x: torch.Tensor) -> TrunkFeatures:
+    """The two-branch trunk on a normalised input. ``m`` holds DDRNet's stage modules under DDRNet's names:
+    the segmenter itself, or a detector body sharing them (``realtime.detection.models.DDRNetPyramid``)."""
+    x = m.layer1(m.conv1(x))
+    l2 = m.layer2(m.relu(x))
+    l3 = m.layer3(m.relu(l2))
+    hi = m.layer3_(m.relu(l2))
+    hsize = hi.shape[-2:]
+    lo = l3 + m.down3(m.relu(hi))
+    hi = hi + F.interpolate(m.compression3(m.relu(l3)), size=hsize, mode="bilinear", align_corners=False)
+    aux, lo4 = hi, lo
+    l4 = m.layer4(m.relu(lo))
+    hi = m.layer4_(m.relu(hi))
+    lo = l4 + m.down4(m.relu(hi))
+    hi = hi + F.interpolate(m.compression4(m.relu(l4)), size=hsize, mode="bilinear", align_corners=False)
+    lo5 = lo
+    hi = m.layer5_(m.relu(hi))
+    ctx = F.interpolate(m.spp(m.layer5(m.relu(lo))), size=hsize, mode="bilinear", align_corners=False)
+    return TrunkFeatures(aux, lo4, lo5, hi, ctx)
+
+
 class DDRNet(SegmentationModel):
     """DDRNet-23 family; ``planes=32`` is the slim variant (~5.7 M parameters)."""
 
@@ -84,24 +114,10 @@ class DDRNet(SegmentationModel):
 
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
-        x = self.conv1(self.normalize(x))
-        x = self.layer1(x)
-        l2 = self.layer2(self.relu(x))
-        l3 = self.layer3(self.relu(l2))
-        hi = self.layer3_(self.relu(l2))
-        hsize = hi.shape[-2:]
-        lo = l3 + self.down3(self.relu(hi))
-        hi = hi + F.interpolate(self.compression3(self.relu(l3)), size=hsize, mode="bilinear", align_corners=False)
-        aux_in = hi
-        l4 = self.layer4(self.relu(lo))
-        hi = self.layer4_(self.relu(hi))
-        lo = l4 + self.down4(self.relu(hi))
-        hi = hi + F.interpolate(self.compression4(self.relu(l4)), size=hsize, mode="bilinear", align_corners=False)
-        hi = self.layer5_(self.relu(hi))
-        lo = F.interpolate(self.spp(self.layer5(self.relu(lo))), size=hsize, mode="bilinear", align_corners=False)
-        out = F.interpolate(self.final_layer(lo + hi), size=size, mode="bilinear", align_corners=False)
+        t = ddrnet_trunk(self, self.normalize(x))
+        out = F.interpolate(self.final_layer(t.ctx + t.hi), size=size, mode="bilinear", align_corners=False)
         if self.training:
-            aux = F.interpolate(self.seghead_extra(aux_in), size=size, mode="bilinear", align_corners=False)
+            aux = F.interpolate(self.seghead_extra(t.aux), size=size, mode="bilinear", align_corners=False)
             return out, [aux]
         return out
 
