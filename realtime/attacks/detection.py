@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .apply import CaptureConfig, Placement, apply_patch, patch_size_for
-from .eot import _combine, total_variation
+from .eot import _combine, load_checkpoint, save_checkpoint, total_variation
 
 Target = Dict[str, torch.Tensor]
 KINDS: Tuple[str, ...] = ("eot", "apricot")
@@ -177,32 +177,6 @@ def target_label(model: torch.nn.Module, name: str) -> int:
     return names.index(name) + 1
 
 
-def _save_checkpoint(path: Path, cfg: DetectionAttackConfig, patch: torch.Tensor, opt: torch.optim.Optimizer,
-                     gen: torch.Generator, step: int, history: List[Dict]) -> None:
-    rows = [[float(h["step"])] + [float(h[k]) for k in HISTORY_KEYS] for h in history]
-    state = {"patch": patch.detach().cpu(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-             "step": step, "config": cfg.identity(),
-             "history": torch.tensor(rows, dtype=torch.float64).view(-1, 1 + len(HISTORY_KEYS))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)                                                    # atomic
-
-
-def _load_checkpoint(path: Path, cfg: DetectionAttackConfig, patch: torch.Tensor, opt: torch.optim.Optimizer,
-                     gen: torch.Generator) -> Tuple[int, List[Dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != cfg.identity():
-        raise ValueError(f"checkpoint {path} was made with a different attack configuration; "
-                         "delete it or restore the original settings")
-    with torch.no_grad():
-        patch.copy_(state["patch"].to(patch))
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    rows = state["history"].tolist()
-    return int(state["step"]), [dict(zip(("step",) + HISTORY_KEYS, [int(r[0])] + r[1:])) for r in rows]
-
-
 def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targets: Sequence[Target],
                           cfg: DetectionAttackConfig, device: torch.device | str, progress: bool = True,
                           checkpoint: Optional[Path] = None, init: Optional[torch.Tensor] = None
@@ -231,7 +205,7 @@ def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targe
     opt = torch.optim.Adam([patch], lr=cfg.lr)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
-        start, history = _load_checkpoint(Path(checkpoint), cfg, patch, opt, gen)
+        start, history = load_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen, HISTORY_KEYS)
     images = images_u8.to(device)
     was_training = model.training
     model.eval()                                        # frozen BatchNorm; grads only w.r.t. the patch
@@ -261,7 +235,7 @@ def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targe
             bar.set_postfix(loss=f"{row['loss']:.3f}", cls=f"{row['cls']:.3f}", regr=f"{row['regr']:.3f}")
             done = step + 1
             if checkpoint is not None and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.steps):
-                _save_checkpoint(Path(checkpoint), cfg, patch, opt, gen, done, history)
+                save_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen, done, history, HISTORY_KEYS)
     finally:
         model.train(was_training)
     return patch.detach().cpu(), history

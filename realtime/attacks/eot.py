@@ -129,10 +129,12 @@ def _combine(terms: List[Tuple[float, torch.Tensor]], patch: torch.Tensor, norma
     return grad
 
 
-def _load_checkpoint(path: Path, cfg: EOTConfig, patch: torch.Tensor, opt: torch.optim.Optimizer,
-                     gen: torch.Generator) -> Tuple[int, List[Dict]]:
+def load_checkpoint(path: Path, identity: str, patch: torch.Tensor, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, keys: Tuple[str, ...] = HISTORY_KEYS) -> Tuple[int, List[Dict]]:
+    """Restore a crafting run (patch, optimiser, generator, history) saved under the same ``identity``;
+    shared by every universal-patch crafter (segmentation here, detectors in ``.detection``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != cfg.identity():
+    if state.get("config") != identity:
         raise ValueError(f"checkpoint {path} was made with a different attack configuration; "
                          "delete it or restore the original settings")
     with torch.no_grad():
@@ -140,15 +142,17 @@ def _load_checkpoint(path: Path, cfg: EOTConfig, patch: torch.Tensor, opt: torch
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     rows = state["history"].tolist()
-    return int(state["step"]), [dict(zip(("step",) + HISTORY_KEYS, [int(r[0])] + r[1:])) for r in rows]
+    return int(state["step"]), [dict(zip(("step",) + keys, [int(r[0])] + r[1:])) for r in rows]
 
 
-def _save_checkpoint(path: Path, cfg: EOTConfig, patch: torch.Tensor, opt: torch.optim.Optimizer,
-                     gen: torch.Generator, step: int, history: List[Dict]) -> None:
-    rows = [[float(h["step"])] + [float(h[k]) for k in HISTORY_KEYS] for h in history]
+def save_checkpoint(path: Path, identity: str, patch: torch.Tensor, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, step: int, history: List[Dict], keys: Tuple[str, ...] = HISTORY_KEYS
+                    ) -> None:
+    """Write a crafting run's state as plain tensors (``weights_only`` loadable), atomically."""
+    rows = [[float(h["step"])] + [float(h[k]) for k in keys] for h in history]
     state = {"patch": patch.detach().cpu(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-             "step": step, "config": cfg.identity(),
-             "history": torch.tensor(rows, dtype=torch.float64).view(-1, 1 + len(HISTORY_KEYS))}
+             "step": step, "config": identity,
+             "history": torch.tensor(rows, dtype=torch.float64).view(-1, 1 + len(keys))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -183,7 +187,7 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
     opt = torch.optim.Adam([patch], lr=cfg.lr)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
-        start, history = _load_checkpoint(Path(checkpoint), cfg, patch, opt, gen)
+        start, history = load_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen)
     images, labels = images_u8.to(device), labels_u8.to(device)
     palette = torch.tensor(cfg.palette, dtype=torch.float32, device=device)
     was_training = model.training
@@ -215,7 +219,7 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}")
             done = step + 1
             if checkpoint is not None and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.steps):
-                _save_checkpoint(Path(checkpoint), cfg, patch, opt, gen, done, history)
+                save_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen, done, history)
     finally:
         model.train(was_training)
     return patch.detach().cpu(), history
