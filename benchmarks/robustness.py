@@ -218,23 +218,17 @@ def resolve_task(model: Optional[str], task: Optional[str]) -> str:
     return own
 
 
-def _csv(text: Optional[str]) -> Optional[List[str]]:
+def csv_list(text: Optional[str]) -> Optional[List[str]]:
+    """``a,b,,c`` -> ``['a', 'b', 'c']``; None or empty -> None (the option's default)."""
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
-    p.add_argument("--task", choices=TASKS, default=None,
-                   help="default: the model's task; detection runs benchmarks.robustness_detection (its own options)")
+def add_run_args(p: argparse.ArgumentParser, out_dir: Path, example_conditions: str) -> None:
+    """Options every robustness run takes, whatever the task: frames, placement, device, outputs, resume."""
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="val", help="any split folder present in the data dir")
-    p.add_argument("--defenses", default=None, help="comma-separated (default: every registered defense)")
     p.add_argument("--conditions", default=None,
-                   help="comma-separated, e.g. none,random_L,eot_S,eot_M,eot_L,beta0.5_L (default: all in library)")
-    p.add_argument("--sweep-defenses", default=None,
-                   help="comma-separated defenses that also run the beta / defense-aware sweeps (default: all)")
+                   help=f"comma-separated, e.g. {example_conditions} (default: all in library)")
     p.add_argument("--limit", type=int, default=None, help="only the first N frames (after --every)")
     p.add_argument("--every", type=int, default=1, help="every k-th frame of the split (k=2: 51 of 101 val)")
     p.add_argument("--batch", type=int, default=1, help="frames per defense call (latency is per frame / batch)")
@@ -243,14 +237,26 @@ def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
     p.add_argument("--max-fpr", type=float, default=0.01, help="FPR of the reported TPR")
     p.add_argument("--device", default="auto")
     p.add_argument("--library", default=str(LIBRARY), help="patch library folder")
-    p.add_argument("--out-dir", default=str(DEFAULT_DIR))
+    p.add_argument("--out-dir", default=str(out_dir))
     p.add_argument("--json", default=None, help="also write the JSON here")
     p.add_argument("--resume", action="store_true", help="reuse finished cells saved under --out-dir/partial")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="default: the model's task; detection runs benchmarks.robustness_detection (its own options)")
+    p.add_argument("--defenses", default=None, help="comma-separated (default: every registered defense)")
+    p.add_argument("--sweep-defenses", default=None,
+                   help="comma-separated defenses that also run the beta / defense-aware sweeps (default: all)")
+    add_run_args(p, DEFAULT_DIR, "none,random_L,eot_S,eot_M,eot_L,beta0.5_L")
     a = p.parse_args(argv)
-    return RobustnessConfig(model=a.model, data=a.data, split=a.split, defenses=_csv(a.defenses),
-                            conditions=_csv(a.conditions), sweep_defenses=_csv(a.sweep_defenses), limit=a.limit,
-                            every=a.every, batch=a.batch, seed=a.seed,
+    return RobustnessConfig(model=a.model, data=a.data, split=a.split, defenses=csv_list(a.defenses),
+                            conditions=csv_list(a.conditions), sweep_defenses=csv_list(a.sweep_defenses),
+                            limit=a.limit, every=a.every, batch=a.batch, seed=a.seed,
                             capture=a.capture, max_fpr=a.max_fpr, device=a.device, library=a.library,
                             out_dir=a.out_dir, json=a.json, resume=a.resume, progress=not a.quiet)
 

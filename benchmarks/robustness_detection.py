@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -37,11 +35,12 @@ from realtime.defenses.registry import DefenseContext
 from realtime.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
-from .robustness import git_commit, isolated_hooks, make_defense, run_and_write, validate_split
-from .robustness_conditions import CAPTURES, LIBRARY, Condition, capture_config, paste, resolve_conditions
+from .robustness import (add_run_args, csv_list, git_commit, isolated_hooks, make_defense, run_and_write,
+                         validate_split)
+from .robustness_conditions import LIBRARY, Condition, capture_config, paste, resolve_conditions
 from .robustness_detection_report import (DEFAULT_DET_DIR, false_detections_on_patch, model_markdown,
                                           summarize_detection_defense, write_outputs)
-from .robustness_runner import CellSettings, _sync, cell_path, cell_signature, save_cell, warm_up
+from .robustness_runner import CellSettings, cell_path, cell_signature, save_cell, timed_call, warm_up
 
 DEFAULT_DEFENSES = ("none", "lgs", "zmask")
 
@@ -124,7 +123,6 @@ def run_detection_cell(defense: Any, condition: Condition, images_u8: torch.Tens
     boxes: List[Optional[List[float]]] = []
     scores: List[float] = []
     flagged: List[bool] = []
-    grad_ctx = nullcontext if getattr(defense, "needs_grad", False) else torch.no_grad
     n = len(images_u8)
     for s in tqdm(range(0, n, settings.batch), desc=f"{defense.name}/{condition.name}", unit="batch",
                   disable=not progress, leave=False):
@@ -134,12 +132,7 @@ def run_detection_cell(defense: Any, condition: Condition, images_u8: torch.Tens
         if patch is None:                    # clean: the place the L patch would take (apricot baseline)
             _, gt = paste(x, torch.zeros(3, *l_patch_hw, device=device), idx, settings.seed, capture)
         x = x.detach()
-        with grad_ctx():
-            _sync(device)
-            t0 = time.perf_counter()
-            res = defense(x)
-            _sync(device)
-            dt = (time.perf_counter() - t0) * 1e3 / len(idx)
+        res, dt = timed_call(defense, x, device)
         out = res.output
         if not isinstance(out, (list, tuple)) or len(out) != len(idx) or not all(isinstance(o, dict) for o in out):
             raise ValueError(f"defense {defense.name} did not return one detection dict per frame "
@@ -243,10 +236,6 @@ def run(cfg: DetectionRobustnessConfig) -> Dict:
             "conditions": {c.name: c.describe() for c in conds}, "results": results}
 
 
-def _csv(text: Optional[str]) -> Optional[List[str]]:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def parse_args(argv: Optional[List[str]] = None) -> DetectionRobustnessConfig:
     p = argparse.ArgumentParser(prog="python -m benchmarks.robustness_detection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,31 +244,16 @@ def parse_args(argv: Optional[List[str]] = None) -> DetectionRobustnessConfig:
                    help="'default' (realtime/detection/weights/<model>_camvid.pt), 'none', or a checkpoint path")
     p.add_argument("--calibration", default=None,
                    help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
-    p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
-    p.add_argument("--split", default="val")
     p.add_argument("--defenses", default=None, help=f"comma-separated (default: {','.join(DEFAULT_DEFENSES)})")
-    p.add_argument("--conditions", default=None,
-                   help="comma-separated, e.g. none,random_L,eot_S,eot_M,eot_L,apricot_L (default: all in library)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N frames (after --every)")
-    p.add_argument("--every", type=int, default=1, help="every k-th frame of the split")
-    p.add_argument("--batch", type=int, default=1, help="frames per defense call")
-    p.add_argument("--seed", type=int, default=0, help="placement seed")
-    p.add_argument("--capture", choices=CAPTURES, default="none", help="physical-capture simulation of the patch")
-    p.add_argument("--max-fpr", type=float, default=0.01, help="FPR of the reported TPR")
     p.add_argument("--score-thr", type=float, default=0.3, help="false detections on the patch: min score")
     p.add_argument("--iou-thr", type=float, default=0.3, help="false detections on the patch: min IoU with its box")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--library", default=str(LIBRARY), help="patch library folder")
-    p.add_argument("--out-dir", default=str(DEFAULT_DET_DIR))
-    p.add_argument("--json", default=None, help="also write the JSON here")
-    p.add_argument("--resume", action="store_true", help="reuse finished cells saved under --out-dir/partial")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_args(p, DEFAULT_DET_DIR, "none,random_L,eot_S,eot_M,eot_L,apricot_L")
     a = p.parse_args(argv)
     return DetectionRobustnessConfig(
         model=a.model, weights=a.weights, calibration=a.calibration, data=a.data, split=a.split,
-        defenses=_csv(a.defenses), conditions=_csv(a.conditions), limit=a.limit, every=a.every, batch=a.batch,
-        seed=a.seed, capture=a.capture, max_fpr=a.max_fpr, score_thr=a.score_thr, iou_thr=a.iou_thr,
-        device=a.device, library=a.library, out_dir=a.out_dir, json=a.json, resume=a.resume,
+        defenses=csv_list(a.defenses), conditions=csv_list(a.conditions), limit=a.limit, every=a.every,
+        batch=a.batch, seed=a.seed, capture=a.capture, max_fpr=a.max_fpr, score_thr=a.score_thr,
+        iou_thr=a.iou_thr, device=a.device, library=a.library, out_dir=a.out_dir, json=a.json, resume=a.resume,
         progress=not a.quiet)
 
 

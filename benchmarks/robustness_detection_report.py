@@ -22,7 +22,7 @@ from realtime.compat import import_torchvision  # noqa: E402
 from realtime.detection.metrics import coco_map  # noqa: E402
 
 from .robustness_metrics import detection_metrics  # noqa: E402
-from .robustness_report import _device, _f  # noqa: E402
+from .robustness_report import _device, _f, save_figure  # noqa: E402
 from .robustness_summary import _latency  # noqa: E402
 
 DEFAULT_DET_DIR = Path("benchmarks") / "results" / "robustness_detection"
@@ -199,11 +199,7 @@ def plot_map(res: Dict, path: Path) -> bool:
     ax.set_ylim(0, 1)
     ax.set_title(f"{res['settings']['model']}: mAP@0.5 per condition ({res['settings']['frames']} frames)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_outputs(res: Dict, out_dir: Path) -> List[Path]:

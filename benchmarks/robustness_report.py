@@ -168,7 +168,7 @@ def plot_roc(res: Dict, path: Path, condition: str = "eot_L") -> bool:
     ax.set_ylabel("true-positive rate (patched frames)")
     ax.set_title(f"{res['settings']['model']}: ROC on {condition} ({res['settings']['frames']} frames)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _sweep_points(res: Dict, kind: str) -> Dict[str, List[tuple]]:
@@ -211,10 +211,11 @@ def plot_sweep(res: Dict, path: Path, kind: str) -> bool:
         ax.set_xlabel("beta (1.0 = eot_L)" if kind == "beta" else "alpha")
     axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))   # outside: lines stay visible
     fig.suptitle(f"{res['settings']['model']}: L patches vs {kind} ({res['settings']['frames']} frames)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> bool:
+def save_figure(fig, path: Path) -> bool:
+    """Lay out, write and close a figure (the report's PNGs)."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

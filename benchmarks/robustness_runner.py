@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -110,6 +110,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(defense: Any, x: torch.Tensor, device: torch.device) -> Tuple[Any, float]:
+    """``(defense(x), ms per frame)``: synchronised around the call, without autograd unless the defense
+    needs gradients (SLGS/WLGS saliency)."""
+    grad_ctx = nullcontext if getattr(defense, "needs_grad", False) else torch.no_grad
+    with grad_ctx():
+        _sync(device)
+        t0 = time.perf_counter()
+        res = defense(x)
+        _sync(device)
+    return res, (time.perf_counter() - t0) * 1e3 / x.shape[0]
+
+
 def warm_up(defense: Any, images_u8: torch.Tensor, device: torch.device, batch: int) -> None:
     """One untimed call (kernel selection, lazy allocation) so the first timed frame is not an outlier."""
     x = images_u8[:batch].to(device).float() / 255
@@ -136,7 +148,6 @@ def run_cell(defense: Any, condition: Condition, images_u8: torch.Tensor, labels
     flagged: List[bool] = []
     counts: List[np.ndarray] = []
     has_score = has_flag = has_mask = False
-    grad_ctx = nullcontext if getattr(defense, "needs_grad", False) else torch.no_grad
     n = len(images_u8)
     bar = tqdm(range(0, n, settings.batch), desc=f"{defense.name}/{condition.name}", unit="batch",
                disable=not progress, leave=False)
@@ -146,12 +157,7 @@ def run_cell(defense: Any, condition: Condition, images_u8: torch.Tensor, labels
         y = labels_u8[s:s + len(idx)].to(device).long()
         x, gt = paste(x, patch, idx, settings.seed, capture)
         x = x.detach()
-        with grad_ctx():
-            _sync(device)
-            t0 = time.perf_counter()
-            res = defense(x)
-            _sync(device)
-            dt = (time.perf_counter() - t0) * 1e3 / len(idx)
+        res, dt = timed_call(defense, x, device)
         lat += [dt] * len(idx)
         logits = logits_of(res.output).detach()
         if logits.shape[0] != len(idx) or logits.shape[-2:] != y.shape[-2:]:

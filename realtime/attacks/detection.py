@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .apply import CaptureConfig, Placement, apply_patch, patch_size_for
-from .eot import _combine, load_checkpoint, save_checkpoint, total_variation
+from .eot import _combine, save_checkpoint, start_patch, total_variation
 
 Target = Dict[str, torch.Tensor]
 KINDS: Tuple[str, ...] = ("eot", "apricot")
@@ -195,17 +195,8 @@ def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targe
         raise ValueError(f"need matching non-empty images/targets, got {n} and {len(targets)}")
     label = target_label(model, cfg.target_class) if cfg.kind == "apricot" else 0
     hw = cfg.patch_hw(tuple(images_u8.shape[-2:]))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    patch = torch.rand(3, *hw, generator=gen)
-    if init is not None:
-        if tuple(init.shape) != (3, *hw):
-            raise ValueError(f"init patch has shape {tuple(init.shape)}, expected (3, {hw[0]}, {hw[1]})")
-        patch = init.detach().float().clamp(0, 1).clone()
-    patch = patch.to(device).requires_grad_(True)
-    opt = torch.optim.Adam([patch], lr=cfg.lr)
-    start, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        start, history = load_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen, HISTORY_KEYS)
+    patch, opt, gen, start, history = start_patch(hw, cfg.seed, cfg.lr, device, init, checkpoint, cfg.identity(),
+                                                  HISTORY_KEYS)
     images = images_u8.to(device)
     was_training = model.training
     model.eval()                                        # frozen BatchNorm; grads only w.r.t. the patch

@@ -159,6 +159,25 @@ def save_checkpoint(path: Path, identity: str, patch: torch.Tensor, opt: torch.o
     tmp.replace(path)                                                    # atomic: never a half-written file
 
 
+def start_patch(hw: Tuple[int, int], seed: int, lr: float, device: torch.device, init: Optional[torch.Tensor],
+                checkpoint: Optional[Path], identity: str, keys: Tuple[str, ...] = HISTORY_KEYS
+                ) -> Tuple[torch.Tensor, torch.optim.Optimizer, torch.Generator, int, List[Dict]]:
+    """The optimised patch (seeded noise, or ``init``), its Adam optimiser and the run's generator, resumed
+    from ``checkpoint`` when that file exists: ``(patch, opt, gen, start step, history)``."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = torch.rand(3, *hw, generator=gen)
+    if init is not None:
+        if tuple(init.shape) != (3, *hw):
+            raise ValueError(f"init patch has shape {tuple(init.shape)}, expected (3, {hw[0]}, {hw[1]})")
+        patch = init.detach().float().clamp(0, 1).clone()
+    patch = patch.to(device).requires_grad_(True)
+    opt = torch.optim.Adam([patch], lr=lr)
+    start, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        start, history = load_checkpoint(Path(checkpoint), identity, patch, opt, gen, keys)
+    return patch, opt, gen, start, history
+
+
 def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, labels_u8: torch.Tensor,
                           cfg: EOTConfig, device: torch.device | str, progress: bool = True,
                           checkpoint: Optional[Path] = None, extra_loss: Optional[ExtraLoss] = None,
@@ -177,17 +196,7 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
     if n == 0 or labels_u8.shape[0] != n:
         raise ValueError(f"need matching non-empty images/labels, got {n} and {labels_u8.shape[0]}")
     hw = cfg.patch_hw(tuple(images_u8.shape[-2:]))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    patch = torch.rand(3, *hw, generator=gen)
-    if init is not None:
-        if tuple(init.shape) != (3, *hw):
-            raise ValueError(f"init patch has shape {tuple(init.shape)}, expected (3, {hw[0]}, {hw[1]})")
-        patch = init.detach().float().clamp(0, 1).clone()
-    patch = patch.to(device).requires_grad_(True)
-    opt = torch.optim.Adam([patch], lr=cfg.lr)
-    start, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        start, history = load_checkpoint(Path(checkpoint), cfg.identity(), patch, opt, gen)
+    patch, opt, gen, start, history = start_patch(hw, cfg.seed, cfg.lr, device, init, checkpoint, cfg.identity())
     images, labels = images_u8.to(device), labels_u8.to(device)
     palette = torch.tensor(cfg.palette, dtype=torch.float32, device=device)
     was_training = model.training

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..compat import import_torchvision
 from ..models.base import CAMVID_MEAN, CAMVID_STD, LayerSpec
-from ..models.ddrnet import DDRNet, build_ddrnet23_slim, ddrnet_trunk
+from ..models.ddrnet import DDRNet, ddrnet_trunk
 
 import_torchvision()
 from torchvision.models import detection as tvdet  # noqa: E402
@@ -57,9 +57,6 @@ class DetectorMixin:
                 raise ValueError(f"expected an image batch of shape (N,3,H,W), got {tuple(images.shape)}")
             images = list(images.unbind(0))
         return super().forward(images, targets)  # type: ignore[misc]
-
-    def eager_outputs(self, losses, detections):  # torchvision hook: always the eager result
-        return losses if self.training else detections
 
 
 def _adopt(model: nn.Module, name: str, class_names: Sequence[str]) -> nn.Module:
@@ -116,12 +113,9 @@ def build_fcos_ddrnet(num_classes: int = 5, trunk_weights: Optional[str] = "defa
                       max_size: int = 480, fpn_channels: int = 96, head_convs: int = 2,
                       class_names: Sequence[str] = ()) -> nn.Module:
     """FCOS on a DDRNet-23-slim pyramid. ``trunk_weights``: ``"default"`` starts from our CamVid
-    segmentation weights (when shipped), ``None`` from random init, or a checkpoint path."""
-    trunk = build_ddrnet23_slim()
-    if trunk_weights is not None:
-        from ..models.registry import default_weights_path, load_weights
-        path = default_weights_path("ddrnet23_slim") if trunk_weights == "default" else trunk_weights
-        load_weights(trunk, path)
+    segmentation weights (an error if they are missing), ``None`` from random init, or a checkpoint path."""
+    from ..models.registry import build_model          # lazy: the model registry lists detectors too
+    trunk = build_model("ddrnet23_slim", weights=trunk_weights)
     backbone = PyramidBackbone(DDRNetPyramid(trunk), fpn_channels)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((1.0,),) * 5)
     head = FCOSHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, num_convs=head_convs)

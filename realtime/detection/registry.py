@@ -64,11 +64,7 @@ def build_detector(name: str, weights: Union[str, os.PathLike, None] = "default"
         kwargs.setdefault("trunk_weights", None)      # the full checkpoint replaces the trunk anyway
     model = _DETECTORS[name].factory(**kwargs)
     if weights is not None:
-        from ..models.registry import load_weights
-        path = default_detector_weights(name) if weights == "default" else Path(weights)
-        if not path.is_file():
-            hint = (f"train it with: python -m realtime.detection.train --model {name}" if weights == "default"
-                    else "check the path")
-            raise FileNotFoundError(f"weights for detector '{name}' not found at {path}; {hint}")
-        load_weights(model, path)
+        from ..models.registry import load_weights, resolve_weights
+        load_weights(model, resolve_weights(weights, default_detector_weights(name), f"detector '{name}'",
+                                            f"python -m realtime.detection.train --model {name}"))
     return model.to(device).eval()

@@ -74,13 +74,19 @@ def build_model(name: str, weights: Union[str, os.PathLike, None] = "default", n
     model = _entry(name).factory(num_classes=num_classes)
     model.model_name = name
     if weights is not None:
-        path = default_weights_path(name) if weights == "default" else Path(weights)
-        if not path.is_file():
-            hint = (f"train it with: python -m realtime.train --model {name}" if weights == "default"
-                    else "check the path")
-            raise FileNotFoundError(f"weights for '{name}' not found at {path}; {hint}")
-        load_weights(model, path)
+        load_weights(model, resolve_weights(weights, default_weights_path(name), f"'{name}'",
+                                            f"python -m realtime.train --model {name}"))
     return model.to(device).eval()
+
+
+def resolve_weights(weights: Union[str, os.PathLike], default: Path, what: str, train_command: str) -> Path:
+    """``"default"`` -> the shipped file ``default``, else the given path; a missing file is an error that
+    says how to make it (the training command) or to check the path."""
+    path = default if weights == "default" else Path(weights)
+    if not path.is_file():
+        hint = f"train it with: {train_command}" if weights == "default" else "check the path"
+        raise FileNotFoundError(f"weights for {what} not found at {path}; {hint}")
+    return path
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike]) -> Dict:
