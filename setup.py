@@ -1,4 +1,5 @@
-"""Installs the five packages of the real-time patch defense: realtime, kernels, engines, calibration, benchmarks.
+"""Installs the five packages of the real-time patch defense: realtime, kernels, engines, calibration, benchmarks,
+and console scripts for the main commands (``zmask-run``, ``zmask-calibrate``, ...).
 
 CPU installs use requirements/cpu.txt (exact torch pin: see README). GPU-only extras are optional and
 imported lazily, never required on a CPU machine.
@@ -14,7 +15,6 @@ setup(
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
     package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
                   "realtime.defenses": ["weights/*.pt", "weights/*.json"],
-                  "realtime.detection": ["weights/*.pt", "weights/*.json"],
                   "calibration": ["shipped/*"]},
     install_requires=[
         # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
@@ -23,6 +23,21 @@ setup(
         "av>=12", "tqdm>=4.66", "matplotlib>=3.8", "safetensors>=0.4", "scikit-learn>=1.4",
         "pycocotools>=2.0.7",
     ],
+    # The main commands, also reachable as ``python -m <module>`` (the README uses that form).
+    entry_points={"console_scripts": [
+        "zmask-run = realtime.run:main",
+        "zmask-demo-overlay = realtime.demo:main",
+        "zmask-train = realtime.train:main",
+        "zmask-train-detection = realtime.train_detection:main",
+        "zmask-calibrate = calibration.fit:main",
+        "zmask-evaluate = calibration.evaluate:main",
+        "zmask-train-patchzero = calibration.patchzero_train:main",
+        "zmask-craft = realtime.attacks.craft:main",
+        "zmask-craft-detection = realtime.attacks.craft_detection:main",
+        "zmask-accuracy = benchmarks.accuracy:main",
+        "zmask-robustness = benchmarks.robustness:main",
+        "zmask-latency = benchmarks.latency:main",
+    ]},
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cupy-cuda13x"],

@@ -12,37 +12,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from benchmarks.metrics import ConfusionMatrix
-from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.core.metrics import ConfusionMatrix
+from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.data.augment import resize_batch
-from realtime.devices import autocast, describe, pick_device
+from realtime.core.devices import autocast, describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 8,
-             size: Optional[Tuple[int, int]] = None, amp: bool = False, progress: bool = False) -> Dict:
-    """mIoU of ``model`` on uint8 ``images`` (N,3,H,W) / ``labels`` (N,H,W) at ``size`` (default: native).
-
-    Predictions are made at ``size`` and scored against labels resized (nearest) to that size.
-    """
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    size = size or tuple(images.shape[-2:])
-    cm = ConfusionMatrix(len(CLASSES), IGNORE_INDEX, dev)
-    starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        x, y = resize_batch(images[s:s + batch_size].to(dev), labels[s:s + batch_size].to(dev), size)
-        with autocast(dev, amp):
-            logits = model(x)
-        cm.update(logits.argmax(1), y)
-    model.train(was_training)
-    out = cm.summary(CLASSES)
-    out["frames"] = len(images)
-    out["size"] = list(size)
-    return out
+from realtime.models.evaluate import evaluate
 
 
 def format_table(result: Dict) -> str:

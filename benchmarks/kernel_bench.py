@@ -54,7 +54,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, iters: int = 50) -> float:
 
 def scenarios(batch: int, dtype: torch.dtype) -> List[Tuple[str, Any, Dict[str, torch.Tensor], Tuple[int, int]]]:
     """(name, ZMask, taps, input size): shipped CamVid calibration, and the paper's Cityscapes setting."""
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     from realtime.defenses import ChannelStats, SPRConfig, ZMask, ZMaskConfig
     from realtime.models import build_model
     model = build_model("ddrnet23_slim", device="cuda")

@@ -27,9 +27,10 @@ from benchmarks.latency_entries import defense_entry, probe, stack_batches, temp
 from benchmarks.latency_frames import build_frames, screen_attacked
 from benchmarks.latency_report import device_slug, environment, write_all
 from benchmarks.timing import Entry, measure, overhead, rss_peak_scope, summarize_samples
-from realtime.cli import USER_ERRORS, parse_hw, report_error
+from kernels.backend import heatmap_backend
+from realtime.core.cli import USER_ERRORS, parse_hw, report_error
 from realtime.defenses.registry import DefenseContext, build_defense, list_defenses
-from realtime.devices import pick_device
+from realtime.core.devices import pick_device
 from realtime.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def make_engine(kind: str, model: torch.nn.Module, model_name: str, layers: Sequ
 
 def zmask_layers(model: torch.nn.Module, model_name: str) -> Tuple[str, ...]:
     """The layers the shipped Z-Mask calibration taps (what an engine must export)."""
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     ctx = DefenseContext(model, model_name)
     return tuple(load_calibration(ctx.calibration_path(), model).config.layers)
 
@@ -122,7 +123,7 @@ def build_defenses(names: Sequence[str], ctx: DefenseContext, kernel: Optional[s
     """``none`` plus each requested defense that builds here; the others are noted and left out."""
     out: Dict[str, Any] = {}
     for name in ["none", *[n for n in names if n != "none"]]:
-        opts = {"heatmap_backend": kernel} if (name == "zmask" and kernel) else {}
+        opts = {"heatmap_backend": heatmap_backend(kernel)} if (name == "zmask" and kernel) else {}
         try:
             out[name] = make_defense(name, ctx, **opts)
         except TypeError as exc:
@@ -193,15 +194,15 @@ def run_config(cfg: LatencyConfig, model_name: str, engine_kind: str, hw: Tuple[
 
 
 def _temporal(zdef: Any, fs: Any, device: torch.device, batch: int, notes: List[str]) -> Entry:
-    from realtime.pipeline import ZMaskEngine
-    from realtime.voting import VotingConfig
+    from realtime.live.step import DefenseStep
+    from realtime.live.voting import VotingConfig
     vc = VotingConfig()
-    notes.append(f"{TEMPORAL}: realtime.pipeline.ZMaskEngine with default voting {vc.k}/{vc.n}, clear after {vc.m}, "
+    notes.append(f"{TEMPORAL}: realtime.live.step.DefenseStep (Z-Mask) with default voting {vc.k}/{vc.n}, clear after {vc.m}, "
                  f"mask window {vc.mask_window}, dilate {vc.dilate} px; batch 1; paths: plain = unmasked pass, no "
                  f"flag; reuse = previous mask applied before the pass and no second pass; second_pass = flagged")
     if batch != 1:
         notes.append(f"{TEMPORAL} runs at batch 1 whatever --batch is (the live pipeline is per frame)")
-    return temporal_entry(TEMPORAL, lambda: ZMaskEngine(zdef.zm, vc, device),
+    return temporal_entry(TEMPORAL, lambda: DefenseStep(zdef, vc, device),
                           {"clean": fs.clean, "attacked": fs.attacked}, device)
 
 
@@ -257,7 +258,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="discarded rounds before timing")
     p.add_argument("--pool", type=int, default=16, help="distinct frames per kind (cycled)")
     p.add_argument("--kernel", choices=("fused", "reference", "auto"),
-                   help="Z-Mask heatmap backend, passed as ZMask(heatmap_backend=...)")
+                   help="Z-Mask heatmap backend, passed as ZMask(heatmap_backend=kernels.heatmap_backend(...))")
     p.add_argument("--no-temporal", action="store_true", help=f"skip the {TEMPORAL} path")
     p.add_argument("--no-screen", action="store_true", help="use attacked frames even when Z-Mask does not flag them")
     p.add_argument("--synthetic", action="store_true", help="synthetic frames instead of CamVid val")

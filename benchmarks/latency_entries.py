@@ -19,7 +19,7 @@ from realtime.defenses.base import Defense
 
 Batches = Dict[str, List[np.ndarray]]        # kind -> list of (B,H,W,3) uint8 host batches
 RENAMED = {"preprocess": "defense_preprocess", "postprocess": "defense_postprocess"}
-TEMPORAL_STAGES = {"defense": "detect"}     # ZMaskEngine's stage names -> ours
+TEMPORAL_STAGES = {"defense": "detect"}     # DefenseStep's stage names -> ours
 
 
 def stack_batches(frames: List[np.ndarray], batch: int, count: int) -> List[np.ndarray]:
@@ -81,7 +81,7 @@ def defense_entry(name: str, defense: Defense, batches: Batches, device: torch.d
 
 
 class TemporalStream:
-    """The live pipeline's ``ZMaskEngine`` (voting + mask propagation) walking one stream of frames.
+    """The live pipeline's ``DefenseStep`` (voting + mask propagation) walking one stream of frames.
 
     It ignores the round index and keeps its own position, so warm-up and timed rounds form one
     continuous video (frames cycle when the pool ends). Stages are the pipeline's own; ``propagate``
@@ -117,7 +117,7 @@ class TemporalStream:
 
 def temporal_entry(name: str, make_engine: Callable[[], Any], frames: Dict[str, List[np.ndarray]],
                    device: torch.device) -> Entry:
-    """One independent ``ZMaskEngine`` per frame kind (its own alarm state), batch 1."""
+    """One independent ``DefenseStep`` per frame kind (its own alarm state), batch 1."""
     streams = {kind: TemporalStream(make_engine(), fs, device) for kind, fs in frames.items()}
 
     def run(kind: str, _index: int, timer: FrameTimer) -> Outcome:

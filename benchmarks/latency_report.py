@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from realtime.devices import describe
+from realtime.core.devices import describe
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONED = ("torch", "torchvision", "numpy", "opencv-python-headless", "onnx", "onnxruntime", "onnxruntime-gpu",

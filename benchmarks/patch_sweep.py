@@ -24,15 +24,15 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.metrics import ConfusionMatrix  # noqa: E402
-from calibration.artifact import load_calibration  # noqa: E402
+from realtime.core.metrics import ConfusionMatrix  # noqa: E402
+from realtime.defenses.artifact import load_calibration  # noqa: E402
 from calibration.evaluate import mask_iou  # noqa: E402
 from calibration.fit import LIBRARY  # noqa: E402
-from realtime.cli import USER_ERRORS, report_error, write_json  # noqa: E402
+from realtime.core.cli import USER_ERRORS, report_error, write_json  # noqa: E402
 from realtime.attacks import CaptureConfig, Placement, apply_patch, load_patch_png  # noqa: E402
 from realtime.attacks.adaptive import over_activation  # noqa: E402
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid  # noqa: E402
-from realtime.devices import describe, pick_device  # noqa: E402
+from realtime.core.devices import describe, pick_device  # noqa: E402
 from realtime.models import build_model, fingerprint, list_models  # noqa: E402
 
 

@@ -31,11 +31,11 @@ import torch
 from tqdm import tqdm
 
 from realtime.attacks.apply import patch_size_for
-from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.data import CamVid, resolve_data_dir
 from realtime.defenses import registry
 from realtime.defenses.registry import DefenseContext
-from realtime.devices import describe, pick_device
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 from .robustness_conditions import CAPTURES, LIBRARY, capture_config, resolve_conditions

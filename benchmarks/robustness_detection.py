@@ -32,7 +32,7 @@ from realtime.attacks.apply import CaptureConfig, patch_size_for
 from realtime.data import CamVid, resolve_data_dir
 from realtime.data.detection import CamVidDetection
 from realtime.defenses.registry import DefenseContext
-from realtime.devices import describe, pick_device
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 from .robustness import (add_run_args, csv_list, git_commit, isolated_hooks, make_defense, run_and_write,
@@ -241,7 +241,7 @@ def parse_args(argv: Optional[List[str]] = None) -> DetectionRobustnessConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"a detector: {', '.join(list_models('detection'))}")
     p.add_argument("--weights", default="default",
-                   help="'default' (realtime/detection/weights/<model>_camvid.pt), 'none', or a checkpoint path")
+                   help="'default' (realtime/models/weights/<model>_camvid.pt), 'none', or a checkpoint path")
     p.add_argument("--calibration", default=None,
                    help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
     p.add_argument("--defenses", default=None, help=f"comma-separated (default: {','.join(DEFAULT_DEFENSES)})")

@@ -2,7 +2,7 @@
 
 Kept apart from the runner (``benchmarks.robustness_detection``) so the metric pieces (false detections on
 the patch, per-cell summaries) are testable on hand-made detections without a model. mAP is
-``realtime.detection.metrics.coco_map`` (pycocotools) on the whole image against every ground-truth box;
+``realtime.core.box_metrics.coco_map`` (pycocotools) on the whole image against every ground-truth box;
 detection AUC is ``benchmarks.robustness_metrics.detection_metrics`` with the same defense's clean-frame
 scores as negatives, as in the segmentation benchmark.
 """
@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from realtime.compat import import_torchvision  # noqa: E402
-from realtime.detection.metrics import coco_map  # noqa: E402
+from realtime.core.compat import import_torchvision  # noqa: E402
+from realtime.core.box_metrics import coco_map  # noqa: E402
 
 from .robustness_metrics import detection_metrics  # noqa: E402
 from .robustness_report import _device, _f, save_figure  # noqa: E402

@@ -1,7 +1,7 @@
 """Metric functions of the robustness benchmark: mask quality against the true patch, detection ROC.
 
 Kept free of models and I/O so the tests can check them on hand-made cases. Segmentation accuracy
-(mIoU outside the patch) uses ``benchmarks.metrics.ConfusionMatrix``; ``tests/test_robustness.py``
+(mIoU outside the patch) uses ``realtime.core.metrics.ConfusionMatrix``; ``tests/test_robustness.py``
 cross-checks it against scikit-learn's ``confusion_matrix`` / ``jaccard_score``. Why keep it: it is
 one ``bincount`` on the tensor's own device, so on a GPU the labels never leave it (sklearn needs a
 host copy of every batch). On the CPU it is no faster: `python -m benchmarks.robustness_metrics`
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from benchmarks.metrics import ConfusionMatrix
+from realtime.core.metrics import ConfusionMatrix
 
 
 @dataclass

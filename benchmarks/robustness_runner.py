@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.metrics import ConfusionMatrix
+from realtime.core.metrics import ConfusionMatrix
 from realtime.attacks.apply import CaptureConfig
 from realtime.data import CLASSES, IGNORE_INDEX
 

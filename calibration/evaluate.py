@@ -21,29 +21,33 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from calibration.artifact import load_calibration
+from realtime.defenses.artifact import load_calibration
 from calibration.fit import LIBRARY
 from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
-from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.attacks import CaptureConfig
 from realtime.data import CamVid
-from realtime.devices import describe, pick_device
+from realtime.defenses.zmask_defense import ZMaskDefense
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 
 @torch.no_grad()
 def run_zmask(zm, frames: torch.Tensor, batch_size: int, desc: str) -> Dict[str, torch.Tensor]:
+    """Z-Mask over ``frames`` through the one orchestration the live pipeline runs (``ZMaskDefense``)."""
     dev = zm.mean_color.device
+    defense = ZMaskDefense(zm)
     d, masks, keep, gate = [], [], [], []
     for s in tqdm(range(0, len(frames), batch_size), desc=desc, unit="batch", leave=False):
         x = frames[s:s + batch_size].to(dev)
         x = x.float() / 255 if x.dtype == torch.uint8 else x
-        r = zm.analyse(x)
+        r = defense(x)
+        h_s, h_d, soft = r.extras["h_s"], r.extras["h_d"], r.extras["soft_mask"]
         d.append(r.score.float().cpu())
         masks.append(r.mask.cpu())
-        gate.append(zm.fusion.gate(r.h_d).cpu())
-        keep.append({"h_s": r.h_s.cpu(), "h_d": r.h_d.cpu(), "soft": r.soft_mask.cpu()} if s == 0 else None)
+        gate.append(zm.fusion.gate(h_d).cpu())
+        keep.append({"h_s": h_s.cpu(), "h_d": h_d.cpu(), "soft": soft.cpu()} if s == 0 else None)
     return {"d": torch.cat(d), "mask": torch.cat(masks), "gate": torch.cat(gate), "first": keep[0]}
 
 

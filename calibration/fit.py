@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from calibration.artifact import Calibration
+from realtime.defenses.artifact import Calibration
 from calibration.collect import channel_stats, layer_heatmaps
 from calibration.fusion_train import best_mask_threshold, scores, train_fusion
 from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
 from calibration.select_layers import mask_to_work, pick_layers, rank_layers, ranking_markdown
-from realtime.cli import run_job, write_json
+from realtime.core.cli import run_job, write_json
 from realtime.attacks import CaptureConfig
 from realtime.data import CamVid
 from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
-from realtime.devices import describe, pick_device
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 from realtime.models.registry import model_task
 

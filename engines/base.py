@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from realtime.defenses.taps import EngineTaps
+from realtime.core.taps import EngineTaps
 
 from .config import EngineConfig, EngineError
 

@@ -8,59 +8,42 @@ and ``build_engine`` turns an unavailable backend, an unsupported precision or d
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
+
+from realtime.core.registry import Registry
+from realtime.core.taps import model_mean_color
+from realtime.models import build_model, fingerprint
 
 from .config import EngineConfig, EngineError, EngineUnavailable
 
 BUILTIN_MODULES = ("engines.torch_engine", "engines.compile_engine", "engines.ort_engine", "engines.trt_engine",
                    "engines.torch_trt_engine")
 
-_ENGINES: Dict[str, Type[Any]] = {}
+ENGINES: Registry[Type[Any]] = Registry("engine", builtins=BUILTIN_MODULES)
 
 
 def register_engine(cls: Type[Any]) -> Type[Any]:
     """Class decorator: register a backend under ``cls.name`` (names are unique)."""
-    if cls.name in _ENGINES and _ENGINES[cls.name] is not cls:
-        raise ValueError(f"engine {cls.name!r} is registered twice")
-    _ENGINES[cls.name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
-
-
-def _order(name: str) -> Tuple[int, int]:
-    """Built-ins in BUILTIN_MODULES order, then the others in registration order."""
-    module = _ENGINES[name].__module__
-    builtin = BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
-    return builtin, list(_ENGINES).index(name)
+    return ENGINES.register(cls.name)(cls)
 
 
 def list_engines() -> List[str]:
     """Registered backend names: torch, compile, onnxruntime, tensorrt, torch_tensorrt, then any others."""
-    _load_builtins()
-    return sorted(_ENGINES, key=_order)
+    return ENGINES.names()
 
 
 def engine_class(name: str) -> Type[Any]:
     """The class of backend ``name``; unknown names list the known ones."""
-    _load_builtins()
-    if name not in _ENGINES:
-        raise KeyError(f"unknown engine {name!r}; available: {', '.join(_ENGINES)}")
-    return _ENGINES[name]
+    return ENGINES.get(name)
 
 
 def available_engines() -> Dict[str, Tuple[bool, str]]:
     """``{name: (usable here, reason)}`` for every registered backend."""
-    _load_builtins()
     out: Dict[str, Tuple[bool, str]] = {}
     for name in list_engines():
-        cls = _ENGINES[name]
+        cls = ENGINES.get(name)
         try:
             out[name] = cls.available()
         except Exception as exc:  # an availability probe must never take the caller down
@@ -84,8 +67,6 @@ def build_engine(model_or_name: Union[str, nn.Module], layers: Sequence[str] = (
         raise EngineUnavailable(f"engine {cfg.backend!r} is not available: {reason}")
     if cfg.precision not in cls.precisions:
         raise EngineError(f"engine {cfg.backend!r} supports precision {', '.join(cls.precisions)}, not {cfg.precision}")
-    from realtime.defenses.taps import model_mean_color
-    from realtime.models import build_model, fingerprint
     if isinstance(model_or_name, str):
         model = build_model(model_or_name, weights="default", device=cfg.device)
         name = model_or_name

@@ -6,7 +6,7 @@ the taps are ordinary values flowing to the module's outputs, they survive ``tor
 ``torch.onnx.export`` (they become named graph outputs) and torch-tensorrt, where forward hooks would
 be dropped or cause graph breaks.
 
-Same recording rules as ``realtime.defenses.taps.ActivationTaps``: the first tensor of a tuple/dict
+Same recording rules as ``realtime.core.taps.ActivationTaps``: the first tensor of a tuple/dict
 output, the first call of a module called several times. A tapped tensor modified in place later in
 the forward would be returned modified; ``needs_clone`` detects that once on a probe input (with the
 eager hook-based taps, which check version counters) and the recorders then keep a copy.
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from realtime.defenses.taps import ActivationTaps, first_tensor
+from realtime.core.taps import ActivationTaps, first_tensor
 
 
 class _Recorder(nn.Module):

@@ -4,7 +4,8 @@ filter from one summed-area table, channel means, cascades) and detection in 2L+
 The plain-torch reference in ``realtime.defenses`` stays the CPU path and the oracle. GPU-only
 dependencies (CuPy, pycuda) are imported lazily: ``available()`` says whether the kernels can run.
 """
+from .backend import BACKENDS, FusedRouter, heatmap_backend
 from .fused import FusedZMask, engine_for, fused_detect, fused_heatmaps
 from .runtime import KernelsUnavailable, available
 
-__all__ = ["FusedZMask", "KernelsUnavailable", "available", "engine_for", "fused_detect", "fused_heatmaps"]
+__all__ = ["BACKENDS", "FusedRouter", "FusedZMask", "heatmap_backend", "KernelsUnavailable", "available", "engine_for", "fused_detect", "fused_heatmaps"]

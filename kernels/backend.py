@@ -1,4 +1,4 @@
-"""``ZMask(heatmap_backend=...)``: when the fused kernels stand in for the reference heatmaps/detection.
+"""``ZMask(heatmap_backend=heatmap_backend(mode))``: when the fused kernels stand in for the reference.
 
 * ``"fused"``: always the kernels; a clear error when they cannot run (no CUDA/CuPy at construction,
   CPU taps, or autograd needed at call time: the kernels have no backward).
@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from realtime.defenses import Detection
+from realtime.defenses.zmask import Detection
 
 from .fused import FusedZMask
 from .launch import DTYPES
@@ -33,6 +33,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(b.abs().max()) if b.numel() else 0.0
     diff = float((a - b).abs().max()) if b.numel() else 0.0
     return diff / scale if scale > 0 else diff
+
+
+def heatmap_backend(mode: str) -> Union[str, Callable[[Any], "FusedRouter"]]:
+    """What to pass as ``ZMask(heatmap_backend=...)`` for ``mode`` in ``BACKENDS``: ``"reference"`` as is,
+    else a factory that attaches a ``FusedRouter`` to the ZMask (raising at once when ``"fused"`` cannot run)."""
+    if mode not in BACKENDS:
+        raise ValueError(f"heatmap_backend must be one of {', '.join(BACKENDS)}, got {mode!r}")
+    if mode == "reference":
+        return mode
+    return functools.partial(FusedRouter, mode=mode)
 
 
 class FusedRouter:
@@ -149,4 +159,4 @@ class FusedRouter:
         return det._replace(h_s=det.h_s.to(dt), h_d=det.h_d.to(dt))
 
 
-__all__ = ["BACKENDS", "FusedRouter", "SELF_CHECK_TOL", "rel_err"]
+__all__ = ["BACKENDS", "FusedRouter", "heatmap_backend", "SELF_CHECK_TOL", "rel_err"]

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.metrics import ConfusionMatrix
-from realtime.cli import run_job
+from realtime.core.metrics import ConfusionMatrix
+from realtime.core.cli import run_job
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid
-from realtime.devices import pick_device
+from realtime.core.devices import pick_device
 from realtime.models import build_model, list_models
-from realtime.sinks.video import VideoWriter, overlay_segmentation, put_text
+from realtime.live.sinks.video import VideoWriter, overlay_segmentation, put_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.accuracy import evaluate
-from realtime.cli import parse_hw
+from realtime.core.cli import parse_hw
 from realtime.data import IGNORE_INDEX, NUM_CLASSES, CamVid, DataNotFoundError
 from realtime.data.augment import AugmentConfig, augment_batch
-from realtime.devices import autocast, describe, pick_device
-from realtime.losses import class_weights, segmentation_loss
+from realtime.core.devices import autocast, describe, pick_device
+from realtime.core.losses import class_weights, segmentation_loss
+from realtime.models.evaluate import evaluate
 from realtime.models import build_model, default_weights_path, fingerprint, list_models, save_weights
 
 

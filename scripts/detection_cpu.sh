@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Detection track end to end on a 2-core CPU, after `python -m realtime.detection.train --model fcos_ddrnet
+# Detection track end to end on a 2-core CPU, after `python -m realtime.train_detection --model fcos_ddrnet
 # --epochs 28 --eval-every 4 --export default` (~35 min): library patches -> Z-Mask calibration -> benchmark.
 #   scripts/detection_cpu.sh [DATA_DIR] [STEPS]   (skips what already exists; logs in runs/detection/)
 set -euo pipefail

@@ -10,7 +10,7 @@ from realtime.attacks.apply import CaptureConfig, Placement, apply_patch, load_p
 from realtime.attacks.craft_detection import main as craft_main
 from realtime.attacks.detection import (DetectionAttackConfig, attack_targets, covered_fraction, craft_detection_patch,
                                         detection_losses, mask_bbox)
-from realtime.detection.registry import build_detector
+from realtime.models.registry import build_model
 from realtime.models import fingerprint
 
 H, W = 120, 160
@@ -29,7 +29,7 @@ def _one_thread():
 def fcos():
     """Random-head fcos_ddrnet; its transform keeps the small synthetic frames at their size (fast on CPU)."""
     torch.manual_seed(0)
-    model = build_detector("fcos_ddrnet", weights=None)
+    model = build_model("fcos_ddrnet", weights=None)
     model.transform.min_size, model.transform.max_size = (H,), W
     return model
 
@@ -58,7 +58,7 @@ def test_losses_are_finite_and_reach_the_input(fcos):
 
 def test_retinanet_losses():
     torch.manual_seed(0)
-    model = build_detector("retinanet_resnet50_fpn", weights=None)
+    model = build_model("retinanet_resnet50_fpn", weights=None)
     model.transform.min_size, model.transform.max_size = (H,), W
     images, targets = _frames(2)
     images, targets = images[:1], targets[:1]                           # the frame with two boxes

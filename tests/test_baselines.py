@@ -137,7 +137,7 @@ def test_threshold_at_fpr() -> None:
 
 
 def test_deepest_layer_per_model() -> None:
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     expected = {"ddrnet23_slim": "layer3", "bisenetv1": "context_path.backbone.layer3"}
     for name, layer in expected.items():
         m = build_model(name)

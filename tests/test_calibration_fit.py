@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from calibration import fit as fit_mod
-from calibration.artifact import Calibration, CalibrationMismatchError, load_calibration
+from realtime.defenses.artifact import Calibration, CalibrationMismatchError, load_calibration
 from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMaskConfig
 from realtime.models import build_model, fingerprint
 

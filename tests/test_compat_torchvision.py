@@ -5,7 +5,7 @@ from typing import List
 
 import torch
 
-from realtime.compat import import_torchvision, nms_reference
+from realtime.core.compat import import_torchvision, nms_reference
 from realtime.defenses import ActivationTaps, SPRConfig, ZMask, ZMaskConfig, fit_channel_stats
 
 

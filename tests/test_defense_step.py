@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from realtime import run as cli
-from realtime.defense_step import DefenseStep
+from realtime.live.step import DefenseStep
 from realtime.defenses.base import Defense, DefenseResult
-from realtime.voting import VotingConfig
+from realtime.live.voting import VotingConfig
 
 
 class _Tiny(torch.nn.Module):
@@ -46,7 +46,7 @@ def test_flags_go_through_the_voter_and_masks_reach_the_result():
     assert r2.alarm and r2.raised
     assert r1.masked is not None and r1.masked[:, :4].all() and not r1.masked[:, 4:].any()
     assert not r3.flagged and r3.masked is None and r3.alarm      # hysteresis: one clean frame keeps it
-    assert set(r1.stages) >= {"detector", "second_pass", "postprocess"}
+    assert set(r1.stages) >= {"defense", "second_pass", "postprocess"}   # defense-internal stages: one "defense"
     assert r1.label.shape == (8, 8) and abs(r1.score - 0.9) < 1e-6
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from realtime import demo
-from realtime.sinks.video import VideoWriter
+from realtime.live.sinks.video import VideoWriter
 
 
 def test_video_writer_round_trip_and_bad_frames(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration.artifact import CalibrationMismatchError, load_calibration
+from realtime.defenses.artifact import CalibrationMismatchError, load_calibration
 from realtime.attacks import Placement, apply_patch, load_patch_png
 from realtime.data.detection import CamVidDetection
 from realtime.models import build_model

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from realtime import compat
-from realtime.detection.layersets import LAYER_SETS, PAPER_SETS, layer_spec_for
-from realtime.detection.metrics import coco_map
-from realtime.detection.registry import build_detector, list_detectors
-from realtime.detection.train import DetTrainConfig, DetTrainer, augment
+from realtime.models.layersets import LAYER_SETS, PAPER_SETS, layer_spec_for
+from realtime.core.box_metrics import coco_map
+from realtime.models.registry import build_model, list_models
+from realtime.train_detection import DetTrainConfig, DetTrainer, augment
 from realtime.models import build_model, list_models
 from realtime.models.registry import model_task
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_SETS))
 def test_layer_sets_resolve_by_name(name: str) -> None:
-    model = build_detector(name, weights=None, **({"trunk_weights": None} if name == "fcos_ddrnet" else {}))
+    model = build_model(name, weights=None, **({"trunk_weights": None} if name == "fcos_ddrnet" else {}))
     modules = dict(model.named_modules())
     spec = model.layers()
     for layer in (*spec.shallow, *spec.deep, *spec.candidates):
@@ -41,12 +41,12 @@ def test_paper_sets_are_the_documented_ones() -> None:
 
 
 def test_registry_and_model_interface(tmp_path) -> None:
-    assert set(list_models("detection")) == set(list_detectors()) and "fcos_ddrnet" in list_models()
+    assert set(list_models("detection")) == set(list_models("detection")) and "fcos_ddrnet" in list_models()
     assert "fcos_ddrnet" not in list_models("segmentation")
     with pytest.raises(KeyError, match="available"):
-        build_detector("yolo")
+        build_model("yolo")
     with pytest.raises(FileNotFoundError, match="check the path"):
-        build_detector("fcos_ddrnet", weights=tmp_path / "missing.pt")
+        build_model("fcos_ddrnet", weights=tmp_path / "missing.pt")
     torch.manual_seed(0)
     model = build_model("fcos_ddrnet", weights=None)       # routed to the detector registry
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_registry_and_model_interface(tmp_path) -> None:
 def test_detector_taps_cover_the_image() -> None:
     """size_divisible=8: a 360x480 frame is not padded, so the hooked 1/8 maps are exactly 45x60."""
     from realtime.defenses import ActivationTaps
-    model = build_detector("fcos_ddrnet", weights=None, trunk_weights=None)
+    model = build_model("fcos_ddrnet", weights=None, trunk_weights=None)
     spec = model.layers()
     with torch.no_grad(), ActivationTaps(model, [*spec.shallow]) as taps:
         _, maps = taps(torch.rand(1, 3, 360, 480))

@@ -204,7 +204,7 @@ def _zmask_frames(hw: Tuple[int, int]) -> Tuple[torch.Tensor, bool]:
 
 
 def test_zmask_on_onnxruntime_matches_eager_on_the_shipped_calibration(cache):
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     model = build_model("ddrnet23_slim")
     cal = load_calibration(REPO / "calibration" / "shipped" / "ddrnet23_slim.safetensors", model)
     hw = tuple(cal.input_size)

@@ -12,7 +12,7 @@ from kernels.emulate import H100, emulate_detect, emulate_heatmaps, emulate_pool
 from kernels.launch import DeviceLimits
 from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMask, ZMaskConfig
 from realtime.defenses.spr import pooled_map, to_work, zscore
-from realtime.defenses.taps import EngineTaps
+from realtime.core.taps import EngineTaps
 
 TOL = 1e-5
 
@@ -132,7 +132,7 @@ def test_detect_matches_reference(mode: str) -> None:
 
 def test_shipped_ddrnet_calibration_matches_reference() -> None:
     """The real model and shipped calibration on a synthetic frame with a bright square."""
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     from realtime.models import build_model
     try:
         model = build_model("ddrnet23_slim")

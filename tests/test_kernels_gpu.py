@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import kernels
+from kernels.backend import heatmap_backend
 from kernels.fused import FusedZMask
 from kernels.launch import DeviceLimits
 from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMask, ZMaskConfig
 from realtime.defenses.spr import pooled_map, to_work, zscore
-from realtime.defenses.taps import EngineTaps
+from realtime.core.taps import EngineTaps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEV = torch.device("cuda")
@@ -161,19 +162,19 @@ def test_bad_inputs_raise() -> None:
 
 def test_hook_auto_and_fused() -> None:
     zm, taps = _toy("same", seed=5)
-    auto = ZMask(zm.taps, zm.cfg, zm.stats, zm.fusion, heatmap_backend="auto")
+    auto = ZMask(zm.taps, zm.cfg, zm.stats, zm.fusion, heatmap_backend=heatmap_backend("auto"))
     with torch.inference_mode():
         got = auto.detect(taps, (360, 480))
         ref = zm.detect(taps, (360, 480))
     assert list(auto._fused.verdicts.values()) == [True]
     _assert_detect_close(got, ref, FP32, zm.cfg.lambda0)
-    fused = ZMask(zm.taps, zm.cfg, zm.stats, zm.fusion, heatmap_backend="fused")
+    fused = ZMask(zm.taps, zm.cfg, zm.stats, zm.fusion, heatmap_backend=heatmap_backend("fused"))
     with pytest.raises(RuntimeError, match="no backward"):
         fused.heatmaps({k: v.clone().requires_grad_(True) for k, v in taps.items()})
 
 
 def _shipped_zmask():
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     from realtime.models import build_model
     model = build_model("ddrnet23_slim", device=DEV)
     return load_calibration("calibration/shipped/ddrnet23_slim.safetensors", model).build_zmask(model)

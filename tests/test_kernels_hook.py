@@ -8,12 +8,14 @@ import warnings
 from typing import Dict, Tuple
 
 import pytest
+
+from kernels.backend import heatmap_backend
 import torch
 
 import kernels
 from kernels import backend as B
 from realtime.defenses import ChannelStats, Detection, FusionBlock, SPRConfig, ZMask, ZMaskConfig
-from realtime.defenses.taps import EngineTaps
+from realtime.core.taps import EngineTaps
 
 
 def _zm(backend: str = "reference") -> Tuple[ZMask, Dict[str, torch.Tensor]]:
@@ -22,7 +24,7 @@ def _zm(backend: str = "reference") -> Tuple[ZMask, Dict[str, torch.Tensor]]:
     cfg = ZMaskConfig(("a", "b"), ("b",), SPRConfig((9, 12), ((5, 6), (2, 2)), ((5, 6),)), lambda0=0.01)
     stats = ChannelStats({k: torch.rand(v.shape[1], generator=g) for k, v in taps.items()},
                          {k: torch.rand(v.shape[1], generator=g) + 0.5 for k, v in taps.items()})
-    return ZMask(EngineTaps(lambda x: (x, {}), cfg.layers), cfg, stats, FusionBlock(), heatmap_backend=backend), taps
+    return ZMask(EngineTaps(lambda x: (x, {}), cfg.layers), cfg, stats, FusionBlock(), heatmap_backend=heatmap_backend(backend)), taps
 
 
 def test_default_is_reference_and_names_are_checked() -> None:

@@ -21,7 +21,7 @@ from kernels.fused import FusedZMask
 from kernels.launch import DeviceLimits
 from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMask, ZMaskConfig
 from realtime.defenses.spr import pooled_map, to_work, zscore
-from realtime.defenses.taps import EngineTaps
+from realtime.core.taps import EngineTaps
 
 TOL = 1e-5
 LIMITS = DeviceLimits.for_arch((9, 0), 4)

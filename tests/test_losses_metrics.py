@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
 
-from benchmarks.metrics import ConfusionMatrix
-from realtime.losses import class_weights, segmentation_loss
+from realtime.core.metrics import ConfusionMatrix
+from realtime.core.losses import class_weights, segmentation_loss
 
 
 def test_confusion_matrix_matches_sklearn():

@@ -9,7 +9,7 @@ import torch
 
 from realtime.defenses.patchzero import (DEFAULT_WEIGHTS, PatchDetector, PatchZero, PatchZeroConfig, dilate_mask,
                                          load_detector, pixel_counts, prf)
-from realtime.defenses.patchzero_train import (TEST_PATCH_GLOB, TRAIN_PATCH_GLOB, TrainConfig, library_patches,
+from calibration.patchzero_train import (TEST_PATCH_GLOB, TRAIN_PATCH_GLOB, TrainConfig, library_patches,
                                                lr_at, main, make_batch)
 from realtime.defenses.registry import REPO, DefenseContext, build_defense
 from realtime.models import build_model
@@ -81,7 +81,7 @@ def test_training_command_end_to_end(tiny_camvid: Path, tmp_path: Path) -> None:
 
 def _shipped() -> None:
     if not DEFAULT_WEIGHTS.is_file():
-        pytest.skip(f"{DEFAULT_WEIGHTS} not trained (python -m realtime.defenses.patchzero_train)")
+        pytest.skip(f"{DEFAULT_WEIGHTS} not trained (python -m calibration.patchzero_train)")
 
 
 def test_shipped_weights_sidecar() -> None:

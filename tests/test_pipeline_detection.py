@@ -15,17 +15,18 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration.artifact import Calibration
+from realtime.defenses.artifact import Calibration
 from realtime import run as cli
-from realtime.build import build_runtime
+from realtime.live.build import build
 from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMaskConfig
-from realtime.defenses.taps import ActivationTaps
+from realtime.core.taps import ActivationTaps
 from realtime.models import build_model, fingerprint, save_weights
-from realtime.pipeline import PipelineConfig, StepResult, run_pipeline
-from realtime.sinks.boxes import BOX_COLORS, Boxes, box_records, draw_boxes
-from realtime.sinks.video import annotate
-from realtime.sources import SourceOptions, open_source
-from realtime.voting import VotingConfig
+from realtime.live.pipeline import PipelineConfig, run_pipeline
+from realtime.live.step import StepResult
+from realtime.live.sinks.boxes import BOX_COLORS, Boxes, box_records, draw_boxes
+from realtime.live.sinks.video import annotate
+from realtime.live.sources import SourceOptions, open_source
+from realtime.live.voting import VotingConfig
 
 CPU = torch.device("cpu")
 HW = (96, 128)
@@ -63,9 +64,9 @@ def frame_events(path: Path) -> List[dict]:
 
 
 def run_cli(tmp_path: Path, frames: Path, *extra: str) -> dict:
-    code, summary = cli.run(cli.parse_args(
+    code, summary = cli.run(cli.config_from_args(cli.parse_args(
         ["--source", str(frames), "--model", "fcos_ddrnet", "--imgsz", IMGSZ, "--output", str(tmp_path / "o.mp4"),
-         "--events", str(tmp_path / "e.jsonl"), "--quiet", *extra]))
+         "--events", str(tmp_path / "e.jsonl"), "--quiet", *extra])))
     assert code == 0
     return summary
 
@@ -147,7 +148,8 @@ def test_zmask_on_a_detector_through_the_pipeline(tmp_path):
             "--summary", str(tmp_path / "s.json"), "--quiet"]
     args = cli.parse_args(argv)
     cfg = PipelineConfig(imgsz=None, voting=VotingConfig.parse("1/1", clear=1))
-    step, desc, imgsz = build_runtime(args, CPU, cfg)
+    rt = build(cli.config_from_args(args), CPU, cfg)
+    step, desc, imgsz = rt.step, rt.description, rt.imgsz
     assert desc["defense"] == "zmask" and desc["task"] == "detection" and tuple(imgsz) == HW
     results: List[StepResult] = []
     source = open_source(str(folder), SourceOptions())
@@ -159,7 +161,7 @@ def test_zmask_on_a_detector_through_the_pipeline(tmp_path):
     assert all(r.masked is not None and r.masked.shape == HW for r in results)
     assert all(isinstance(r.boxes, Boxes) and r.label is None for r in results)
     assert results[1].propagated and results[1].alarm                     # voting and mask reuse still run
-    code, summary = cli.run(args)                                         # and the CLI end to end
+    code, summary = cli.run(cli.config_from_args(args))                                         # and the CLI end to end
     ev = frame_events(tmp_path / "e.jsonl")
     assert code == 0 and summary["second_passes"] == 3 and len(ev) == 3
     assert all(e["flagged"] and e["error"] is None and "mask_frac" in e for e in ev)

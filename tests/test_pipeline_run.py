@@ -18,9 +18,12 @@ from PIL import Image
 
 from realtime import run as cli
 from realtime.defenses import Detection
-from realtime.pipeline import PipelineConfig, StepResult, ZMaskEngine, run_pipeline
-from realtime.sources import Frame, Source
-from realtime.voting import VotingConfig
+from realtime.defenses.zmask import ZMask
+from realtime.defenses.zmask_defense import ZMaskDefense
+from realtime.live.pipeline import PipelineConfig, run_pipeline
+from realtime.live.step import DefenseStep, StepResult
+from realtime.live.sources import Frame, Source
+from realtime.live.voting import VotingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -125,7 +128,9 @@ class StubZMask:
     def input_mask(self, soft, flagged, size):
         return 1.0 - ((soft > 0.5) & flagged.view(-1, 1, 1, 1)).float()
 
-    def detect(self, taps, size):             # same composition as ZMask.detect, over the stub's pieces
+    second_pass = ZMask.second_pass            # the real one, over the stub's plain pass
+
+    def detect(self, taps, size, timer=None):  # same composition as ZMask.detect, over the stub's pieces
         h_s, h_d = self.heatmaps(taps)
         soft, score = self.fusion(h_s, h_d)
         flagged = score > self.cfg.lambda0
@@ -144,7 +149,7 @@ def _frame(patch: bool) -> torch.Tensor:
 
 def test_propagation_masks_before_the_backbone_and_skips_the_second_pass():
     zm = StubZMask()
-    eng = ZMaskEngine(zm, VotingConfig(k=2, n=3, m=2, mask_window=2, dilate=1), CPU)
+    eng = DefenseStep(ZMaskDefense(zm), VotingConfig(k=2, n=3, m=2, mask_window=2, dilate=1), CPU)
     patch = [0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]
     res = [eng.step(_frame(bool(p))) for p in patch]
     assert [r.flagged for r in res] == [0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0]
@@ -162,7 +167,7 @@ def test_propagation_masks_before_the_backbone_and_skips_the_second_pass():
 @pytest.mark.parametrize("fail_closed", [True, False])
 def test_defense_failure_policy(fail_closed):
     zm = StubZMask(fail_on=2)
-    eng = ZMaskEngine(zm, VotingConfig(k=1, n=1, m=1), CPU, fail_closed=fail_closed)
+    eng = DefenseStep(ZMaskDefense(zm), VotingConfig(k=1, n=1, m=1), CPU, fail_closed=fail_closed)
     ok, bad = eng.step(_frame(False)), eng.step(_frame(True))
     assert ok.error is None and not ok.unsafe
     assert "injected defense failure" in bad.error
@@ -283,7 +288,7 @@ def test_ctrl_c_finishes_the_output(tmp_path):
                          stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not ev.exists() or len(ev.read_text().splitlines()) < 5):
+        while time.monotonic() < deadline and (not ev.exists() or len(ev.read_text().splitlines()) < 6):  # header + 5
             time.sleep(0.2)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
@@ -296,8 +301,8 @@ def test_ctrl_c_finishes_the_output(tmp_path):
 
 def test_demo_bar_short(camvid_root, tmp_path):
     out = tmp_path / "demo.mp4"
-    code, s = cli.run(cli.parse_args(["--source", "demo", "--max-frames", "36", "--output", str(out),
-                                      "--events", str(tmp_path / "ev.jsonl"), "--quiet"]))
+    code, s = cli.run(cli.config_from_args(cli.parse_args(["--source", "demo", "--max-frames", "36", "--output", str(out),
+                                      "--events", str(tmp_path / "ev.jsonl"), "--quiet"])))
     assert code == 0 and s["frames"] == 36 and count_frames(out) == 36
     g = s["ground_truth"]
     assert g["patched_frames"] == 6 and g["clean_before_patch"]["frames"] == 30

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, jaccard_score
 
-from benchmarks.metrics import ConfusionMatrix
+from realtime.core.metrics import ConfusionMatrix
 from benchmarks.robustness import available_splits, main, validate_split
 from benchmarks.robustness_conditions import library_conditions, load_condition, paste, resolve_conditions
 from benchmarks.robustness_metrics import (detection_metrics, miou_from_confusion, per_frame_mask_counts,

@@ -53,7 +53,7 @@ def test_task_defaults_to_the_models_and_rejects_a_mismatch(capsys):
 
 def _toy_detector_calibration(model, path: Path) -> Path:
     """A Z-Mask artifact for ``model`` with made-up channel statistics (shapes from one forward pass)."""
-    from calibration.artifact import Calibration
+    from realtime.defenses.artifact import Calibration
     from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMaskConfig
     from realtime.models import fingerprint
 

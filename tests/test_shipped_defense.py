@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration.artifact import load_calibration
+from realtime.defenses.artifact import load_calibration
 from realtime.attacks import Placement, apply_patch, load_patch_png
 from realtime.data import CamVid
 from realtime.models import build_model
@@ -32,6 +32,6 @@ def test_crafted_patch_scores_higher_than_its_clean_twin(camvid_root, name):
 
 
 def test_shipped_calibration_refuses_the_other_model():
-    from calibration.artifact import CalibrationMismatchError
+    from realtime.defenses.artifact import CalibrationMismatchError
     with pytest.raises(CalibrationMismatchError, match="ddrnet23_slim"):
         load_calibration(ROOT / "calibration" / "shipped" / "ddrnet23_slim.safetensors", build_model("bisenetv1"))

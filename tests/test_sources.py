@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realtime.sources import (CameraSource, CamVidSource, ImageFolderSource, LatestQueue, SourceDied,
+from realtime.live.sources import (CameraSource, CamVidSource, ImageFolderSource, LatestQueue, SourceDied,
                               SourceError, VideoSource, open_source, source_kind)
-from realtime.sources import camera as camera_mod
+from realtime.live.sources import camera as camera_mod
 
 
 def make_video(path: Path, n: int = 12, fps: int = 10, hw=(48, 64), faststart: bool = False,
@@ -239,12 +239,12 @@ def test_camvid_sequence_source(tmp_path):
 
 
 def _opts(root: Path):
-    from realtime.sources import SourceOptions
+    from realtime.live.sources import SourceOptions
     return SourceOptions(data=str(root))
 
 
 def test_demo_source_composites_a_moving_patch(camvid_root):
-    from realtime.demo_scene import DemoConfig, DemoSource
+    from realtime.live.sources.demo import DemoConfig, DemoSource
     src = DemoSource(DemoConfig(patch_start=3, patch_frames=6))
     frames = []
     clean = {f: img for f, img, _ in src.view}

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks import accuracy
 from realtime.data import IGNORE_INDEX, CamVid
-from realtime.losses import segmentation_loss
+from realtime.core.losses import segmentation_loss
 from realtime.models import build_model
 from realtime.train import Trainer, TrainConfig, lr_at, make_optimizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from realtime.voting import TemporalVoter, VotingConfig, simulate
+from realtime.live.voting import TemporalVoter, VotingConfig, simulate
 
 
 def _mask(y0: int, x0: int, size: int = 4, hw=(32, 32)) -> torch.Tensor:
@@ -97,7 +97,7 @@ def test_no_propagation_when_disabled():
 
 
 def test_tune_ranks_quiet_fast_configs_first(tmp_path):
-    from realtime.voting import evaluate, main, tune
+    from realtime.live.voting import evaluate, main, tune
     clean = [[0, 1, 0, 0, 1, 1, 0, 0, 0, 0] * 3]                  # pairs of stray detections
     patched = [([0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1], 3)]
     best, r = tune(clean, patched, max_n=4)[0]

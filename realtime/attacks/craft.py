@@ -19,9 +19,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from realtime.cli import USER_ERRORS, parse_hw, report_error
+from realtime.core.cli import USER_ERRORS, parse_hw, report_error
 from realtime.data import CamVid
-from realtime.devices import describe, pick_device
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, load_patch_png, random_patch, save_patch_png
@@ -74,7 +74,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def adaptive_objective(args: argparse.Namespace, model: torch.nn.Module):
     """(model wrapped with taps, extra loss, weight of L_adv) for --beta / --defense-aware."""
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     from realtime.attacks.adaptive import DefenseAwareLoss, OverActivationLoss, TappedForward
     if args.calibration is None:
         raise ValueError("--beta and --defense-aware need --calibration (Z-Mask statistics and layers)")

@@ -22,9 +22,9 @@ from typing import List, Optional
 
 import torch
 
-from realtime.cli import USER_ERRORS, report_error
+from realtime.core.cli import USER_ERRORS, report_error
 from realtime.data.detection import CamVidDetection, boxes_from_label
-from realtime.devices import describe, pick_device
+from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 from .apply import DETECTION_PATCH_SIDES_480, CaptureConfig, Placement, random_patch, save_patch_png

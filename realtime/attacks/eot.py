@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from realtime.data import IGNORE_INDEX
-from realtime.devices import autocast
+from realtime.core.devices import autocast
 
 from .apply import CaptureConfig, Placement, apply_patch, patch_size_for
 

@@ -15,10 +15,10 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from benchmarks.metrics import ConfusionMatrix
-from realtime.cli import USER_ERRORS, report_error, write_json
+from realtime.core.metrics import ConfusionMatrix
+from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid
-from realtime.devices import autocast, describe, pick_device
+from realtime.core.devices import autocast, describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
 from .apply import CaptureConfig, Placement, apply_patch, load_patch_png, random_patch

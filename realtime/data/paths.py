@@ -10,8 +10,7 @@ SHARED_REL = Path("..") / "shared" / "datasets" / "camvid"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class DataNotFoundError(FileNotFoundError):
-    """Raised when no CamVid directory can be found; the message names every place looked at."""
+from realtime.core.errors import DataNotFoundError
 
 
 def _looks_like_camvid(path: Path) -> bool:

@@ -2,7 +2,7 @@
 from .fusion import PARAM_NAMES, FusionBlock
 from .spr import (SPRConfig, aggregate, box_mean, cascade, layer_heatmap, pooled_map, resize,
                   spr_heatmap, to_work, zscore)
-from .taps import ActivationTaps, EngineTaps, first_tensor, model_mean_color
+from realtime.core.taps import ActivationTaps, EngineTaps, first_tensor, model_mean_color
 from .zmask import (ChannelStats, Detection, ZMask, ZMaskConfig, ZMaskResult, fit_channel_stats, merge_batch,
                     validate_input)
 

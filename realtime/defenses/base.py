@@ -15,34 +15,12 @@ the defended input), postprocess.
 from __future__ import annotations
 
 import abc
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .zmask import validate_input
-
-StageTimer = Callable[[str], AbstractContextManager]
-
-
-def null_timer(_stage: str) -> AbstractContextManager:
-    """The default timer: times nothing."""
-    return nullcontext()
-
-
-@dataclass
-class DefenseResult:
-    """What one defense call produced. Masks: 1 = pixel kept, 0 = masked / repainted / suppressed."""
-    output: Any                                   # model output on ``defended_input`` (what downstream uses)
-    defended_input: torch.Tensor                  # (N,3,H,W) input of the final model pass
-    mask: Optional[torch.Tensor] = None           # (N,1,H,W) float keep-mask; None if the defense never masks
-    flagged: Optional[torch.Tensor] = None        # (N,) bool attack flag; None if the defense never flags
-    score: Optional[torch.Tensor] = None          # (N,) float, higher = more likely attacked
-    first_output: Any = None                      # output of an undefended first pass, when one ran
-    extras: Dict[str, Any] = field(default_factory=dict)   # defense-specific maps (heatmaps, saliency...)
+from realtime.core.types import DefenseResult, StageTimer, dilate, null_timer, repaint, validate_input
 
 
 class Defense(abc.ABC):
@@ -51,6 +29,8 @@ class Defense(abc.ABC):
     masks: ClassVar[bool] = False     # produces a pixel keep-mask
     flags: ClassVar[bool] = False     # produces a per-frame flag and score
     needs_grad: ClassVar[bool] = False  # runs backward passes through the model (no engines, no inference_mode)
+    # takes ``prior``: a keep-mask carried from earlier frames, applied before the first pass
+    accepts_prior: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -59,31 +39,23 @@ class Defense(abc.ABC):
     def run(self, x: torch.Tensor, timer: StageTimer) -> DefenseResult:
         """Defend a validated batch; wrap each stage in ``timer(stage)``."""
 
-    def __call__(self, x: torch.Tensor, timer: Optional[StageTimer] = None) -> DefenseResult:
+    def __call__(self, x: torch.Tensor, timer: Optional[StageTimer] = None,
+                 prior: Optional[torch.Tensor] = None) -> DefenseResult:
+        """Validate ``x`` and defend it. ``prior`` (N,1,H,W) keep-mask: only for ``accepts_prior`` defenses."""
         validate_input(x)
-        return self.run(x, timer or null_timer)
+        if prior is None:
+            return self.run(x, timer or null_timer)
+        if not self.accepts_prior:
+            raise TypeError(f"defense {self.name!r} does not take a prior mask")
+        return self.run(x, timer or null_timer, prior=prior)   # type: ignore[call-arg]
+
+    def plain(self, x: torch.Tensor) -> Any:
+        """The undefended model on ``x`` (what a fail-open policy emits when the defense fails)."""
+        return self.model(x)
 
     def describe(self) -> Dict[str, Any]:
         """Settings worth recording next to results (subclasses extend)."""
         return {"defense": self.name, "masks": self.masks, "flags": self.flags}
-
-
-def repaint(x: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """``x * keep + fill * (1 - keep)``; ``keep`` (N,1,H,W) in [0,1], ``fill`` broadcastable to x."""
-    k = keep.to(dtype=x.dtype, device=x.device)
-    return x * k + fill.to(dtype=x.dtype, device=x.device) * (1.0 - k)
-
-
-def dilate(region: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of a (N,1,H,W) {0,1} map with a (2r+1)^2 square.
-
-    Separable: a (1,k) then a (k,1) max equals the k x k max exactly, at ~1/10 of the cost on CPU
-    (a 33x33 window at 360x480 took ~200 ms in one pass; measured)."""
-    if radius <= 0:
-        return region
-    k = 2 * radius + 1
-    region = F.max_pool2d(region, (1, k), stride=1, padding=(0, radius))
-    return F.max_pool2d(region, (k, 1), stride=1, padding=(radius, 0))
 
 
 __all__ = ["Defense", "DefenseResult", "StageTimer", "dilate", "null_timer", "repaint"]

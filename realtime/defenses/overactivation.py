@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .base import Defense, DefenseResult, StageTimer
 from .registry import REPO, DefenseContext, register_defense
-from .taps import ActivationTaps
+from realtime.core.taps import ActivationTaps
 
 FORMAT = "overactivation/1"
 
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--fpr", type=float, default=0.01)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from calibration.artifact import load_calibration
+    from realtime.defenses.artifact import load_calibration
     from realtime.data import CamVid
     from realtime.models import build_model
     model = build_model(args.model)

@@ -10,7 +10,7 @@ maximum patch probability, so the defense doubles as a detector.
 
 Weights: ``realtime/defenses/weights/patchzero_camvid.pt`` (fp16 state dict, one detector for every
 CamVid model) with a JSON sidecar holding the training settings and validation precision/recall/F1;
-train with ``python -m realtime.defenses.patchzero_train``. Stage 2 of the paper (BPDA adversarial
+train with ``python -m calibration.patchzero_train``. Stage 2 of the paper (BPDA adversarial
 training against adaptive attacks) is not implemented.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def load_detector(path: Optional[str | Path] = None, device: torch.device | str 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"PatchZero weights {path} not found; train them with "
-                                f"`python -m realtime.defenses.patchzero_train --out {path}`")
+                                f"`python -m calibration.patchzero_train --out {path}`")
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     net = PatchDetector(width=int(meta.get("train", {}).get("width", 16)))

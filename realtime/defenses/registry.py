@@ -6,13 +6,14 @@ which keeps ``import realtime.defenses`` light and free of cycles).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
+
+from realtime.core.registry import Registry
 
 from .base import Defense
 
@@ -28,7 +29,7 @@ BUILTIN_MODULES = (
 )
 
 Builder = Callable[..., Defense]
-_REGISTRY: Dict[str, Builder] = {}
+DEFENSES: Registry[Builder] = Registry("defense", builtins=BUILTIN_MODULES)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DefenseContext:
     """What a builder may need: the model (and its registry name), device, data and artifact paths.
 
     ``calibration``: a Z-Mask artifact (default ``calibration/shipped/<model_name>.safetensors``);
+    ``loaded_calibration``: that artifact already loaded and checked against the model (not read again);
     ``artifacts``: folder of other shipped per-model artifacts (thresholds, PatchZero weights);
     ``data``: CamVid root for defenses that fit something on clean frames (None: the default lookup);
     ``engine``: a runtime from ``engines`` (``engine(x) -> (out, taps)``, ``engine.plain(x)``) that
@@ -46,6 +48,7 @@ class DefenseContext:
     engine: Optional[Any] = None
     device: torch.device = torch.device("cpu")
     calibration: Optional[Path] = None
+    loaded_calibration: Optional[Any] = None     # the artifact at ``calibration``, when the caller loaded it
     artifacts: Path = REPO / "calibration" / "shipped"
     data: Optional[str] = None
 
@@ -59,31 +62,19 @@ class DefenseContext:
 
 def register_defense(name: str) -> Callable[[Builder], Builder]:
     """Decorator: register ``fn`` as the builder of defense ``name`` (names are unique)."""
-    def deco(fn: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"defense {name!r} is registered twice")
-        _REGISTRY[name] = fn
-        return fn
-    return deco
-
-
-def _load_builtins() -> None:
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
+    return DEFENSES.register(name)
 
 
 def list_defenses() -> List[str]:
     """Registered defense names, ``none`` first, then alphabetical."""
-    _load_builtins()
-    return sorted(_REGISTRY, key=lambda n: (n != "none", n))
+    return sorted(DEFENSES.names(), key=lambda n: (n != "none", n))
 
 
 def build_defense(name: str, ctx: DefenseContext, **options: Any) -> Defense:
     """Build defense ``name`` for ``ctx.model``; unknown names list the known ones."""
-    _load_builtins()
-    if name not in _REGISTRY:
+    if name not in DEFENSES:
         raise KeyError(f"unknown defense {name!r}; available: {', '.join(list_defenses())}")
-    return _REGISTRY[name](ctx, **options)
+    return DEFENSES.get(name)(ctx, **options)
 
 
-__all__ = ["BUILTIN_MODULES", "DefenseContext", "build_defense", "list_defenses", "register_defense"]
+__all__ = ["BUILTIN_MODULES", "DEFENSES", "DefenseContext", "build_defense", "list_defenses", "register_defense"]

@@ -18,9 +18,13 @@ from .fusion import FusionBlock
 from .spr import SPRConfig, aggregate, cascade, resize, to_work, zscore
 from .spr_fast import pooled_maps
 from .stats import LayerStatsAccumulator
-from .taps import ActivationTaps, EngineTaps
+from realtime.core.taps import ActivationTaps, EngineTaps
+from realtime.core.types import validate_input
 
 Taps = Union[ActivationTaps, EngineTaps]
+# A heatmap backend factory: called with the ZMask, returns a router with ``use(taps, with_fusion)``,
+# ``heatmaps(taps)`` and ``detect(taps, size)`` (``kernels.heatmap_backend`` makes the fused one).
+HeatmapBackend = Callable[["ZMask"], Any]
 
 
 @dataclass
@@ -91,19 +95,6 @@ class Detection(NamedTuple):
     mask: torch.Tensor
 
 
-def validate_input(x: Any, check_finite: bool = True) -> torch.Tensor:
-    """Raise ValueError unless ``x`` is a finite floating (N,3,H,W) tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"Z-Mask expects a tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"Z-Mask expects an image batch of shape (N,3,H,W) in [0,1], got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"Z-Mask expects a floating image in [0,1], got dtype {x.dtype}")
-    if check_finite and not bool(torch.isfinite(x).all()):
-        raise ValueError("Z-Mask input contains NaN or inf values")
-    return x
-
-
 def merge_batch(first: Any, second: Any, index: torch.Tensor, n: int) -> Any:
     """``first`` (a batch of n) with the entries at ``index`` replaced by ``second`` (a batch of len(index)).
 
@@ -138,10 +129,12 @@ class ZMask(nn.Module):
     """Z-Mask around a model (hooked once) or an engine that returns its own taps."""
 
     def __init__(self, model: Any, cfg: ZMaskConfig, stats: ChannelStats,
-                 fusion: Optional[FusionBlock] = None, heatmap_backend: str = "reference") -> None:
+                 fusion: Optional[FusionBlock] = None, heatmap_backend: Union[str, HeatmapBackend] = "reference"
+                 ) -> None:
         super().__init__()
-        if heatmap_backend not in ("reference", "fused", "auto"):
-            raise ValueError(f"heatmap_backend must be 'reference', 'fused' or 'auto', got {heatmap_backend!r}")
+        if not (heatmap_backend == "reference" or callable(heatmap_backend)):
+            raise ValueError(f"heatmap_backend must be 'reference' or a backend factory "
+                             f"(kernels.heatmap_backend('fused'|'auto')), got {heatmap_backend!r}")
         missing = [n for n in cfg.layers if n not in stats.mu or n not in stats.sigma]
         if missing:
             raise KeyError(f"channel statistics missing for layers {missing}; have {sorted(stats.mu)}")
@@ -159,12 +152,13 @@ class ZMask(nn.Module):
         fill = mc.detach().clone().float() if mc is not None else torch.full((1, 3, 1, 1), 0.5)
         # (1,3,1,1) fill colour in [0,1] for masked pixels: the model's mean colour, else 0.5.
         self.register_buffer("mean_color", fill.reshape(1, 3, 1, 1), persistent=False)
-        # Optional fused CUDA kernels (kernels/backend.py); the reference below stays the CPU path.
-        self.heatmap_backend = heatmap_backend
+        # Optional fused CUDA kernels: a factory from ``kernels`` (chosen by whoever builds the defense;
+        # this layer never imports kernels). The reference below stays the CPU path and the oracle.
         self._fused: Any = None
+        self.heatmap_backend = "reference"
         if heatmap_backend != "reference":
-            from kernels.backend import FusedRouter
-            self._fused = FusedRouter(self, heatmap_backend)
+            self._fused = heatmap_backend(self)
+            self.heatmap_backend = getattr(self._fused, "mode", "custom")
 
     def _stat(self, name: str, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mu, sigma = self.stats.mu[name], self.stats.sigma[name]
@@ -287,5 +281,5 @@ def fit_channel_stats(maps: Sequence[Dict[str, torch.Tensor]], cfg: SPRConfig) -
     return ChannelStats(mu, sigma)
 
 
-__all__ = ["ChannelStats", "Detection", "ZMask", "ZMaskConfig", "ZMaskResult", "fit_channel_stats", "merge_batch",
+__all__ = ["ChannelStats", "Detection", "HeatmapBackend", "ZMask", "ZMaskConfig", "ZMaskResult", "fit_channel_stats", "merge_batch",
            "validate_input"]

@@ -9,6 +9,7 @@ import torch
 
 from .base import Defense, DefenseResult, StageTimer
 from .registry import DefenseContext, register_defense
+from .artifact import load_calibration
 from .zmask import ZMask
 
 
@@ -25,31 +26,48 @@ class NoDefense(Defense):
             out = self.forward(x)
         return DefenseResult(output=out, defended_input=x, first_output=out)
 
+    def plain(self, x: torch.Tensor) -> Any:
+        return self.forward(x)
+
 
 class ZMaskDefense(Defense):
-    """``ZMask`` split into its stages: backbone with taps, heatmaps, fusion, mask, second pass.
+    """The one Z-Mask orchestration, used by the live pipeline, the benchmarks and calibration.evaluate.
 
-    The second pass runs on the flagged frames only, as in ``ZMask.forward``.
+    Stages: (optional) shield with the ``prior`` keep-mask carried from earlier frames -> backbone
+    with taps -> heatmaps, fusion, score, flag, keep-mask (``ZMask.detect``) -> shield the flagged
+    frames with the union of the fresh and the prior mask -> second pass on the flagged frames only.
+    Unflagged frames keep the first pass (run on the prior-masked input when a prior is given).
+    ``extras["detected_mask"]`` is this frame's own keep-mask, before the prior is merged in.
     """
     name = "zmask"
     masks = True
     flags = True
+    accepts_prior = True
 
     def __init__(self, zm: ZMask) -> None:
         super().__init__(getattr(zm.taps, "model", zm))
         self.zm = zm
 
-    def run(self, x: torch.Tensor, timer: StageTimer) -> DefenseResult:
+    def plain(self, x: torch.Tensor) -> Any:
+        return self.zm.taps.plain(x)
+
+    def run(self, x: torch.Tensor, timer: StageTimer, prior: Optional[torch.Tensor] = None) -> DefenseResult:
         zm = self.zm
+        x1 = x
+        if prior is not None:
+            with timer("mask"):
+                x1 = zm.shield(x, prior)
         with timer("backbone"):
-            out, taps = zm.taps(x)
+            out, taps = zm.taps(x1)
         det = zm.detect(taps, (x.shape[-2], x.shape[-1]), timer)
+        keep = det.mask if prior is None else torch.minimum(det.mask, prior.to(det.mask.dtype))
         with timer("mask"):
-            xd = zm.shield(x, det.mask) if bool(det.flagged.any()) else x
+            xd = zm.shield(x, keep) if bool(det.flagged.any()) else x1
         with timer("second_pass"):
             final = zm.second_pass(xd, det.flagged, out)
-        return DefenseResult(output=final, defended_input=xd, mask=det.mask, flagged=det.flagged, score=det.score,
-                             first_output=out, extras={"h_s": det.h_s, "h_d": det.h_d, "soft_mask": det.soft_mask})
+        return DefenseResult(output=final, defended_input=xd, mask=keep, flagged=det.flagged, score=det.score,
+                             first_output=out, extras={"h_s": det.h_s, "h_d": det.h_d, "soft_mask": det.soft_mask,
+                                                       "detected_mask": det.mask})
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.zm.cfg
@@ -65,14 +83,16 @@ def _build_none(ctx: DefenseContext) -> Defense:
 @register_defense("zmask")
 def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask_options: Any) -> Defense:
     """Z-Mask from the calibration artifact (fingerprint checked); ``threshold`` overrides lambda0."""
-    from calibration.artifact import load_calibration   # calibration depends on realtime, not the reverse
-    path = ctx.calibration_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
-                                f"`python -m calibration.fit --model {ctx.model_name}`")
-    cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
+    cal = ctx.loaded_calibration
+    if cal is None:
+        path = ctx.calibration_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
+                                    f"`python -m calibration.fit --model {ctx.model_name}`")
+        cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
     # On an engine the taps come out of the engine, and the module is left unhooked.
-    zm = cal.build_zmask(ctx.model, taps=ctx.engine, **zmask_options)
+    # The artifact was checked against ctx.model when it was loaded: no second fingerprint.
+    zm = cal.build_zmask(ctx.model, check=False, taps=ctx.engine, **zmask_options)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
     return ZMaskDefense(zm.eval())

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_model
 from .base import BasicBlock, LayerSpec, SegmentationModel, conv_bn_relu, init_weights, make_stage
 
 
@@ -134,6 +135,7 @@ class BiSeNetV1(SegmentationModel):
             aliases=aliases)
 
 
+@register_model("bisenetv1", description="BiSeNet V1, spatial path + half-width ResNet-18 context path")
 def build_bisenetv1(num_classes: int = 11) -> BiSeNetV1:
     """BiSeNet V1 with a half-width ResNet-18 context path (32-256 channels, 4.2 M parameters in all):
     keeps the shipped fp16 weights near 8 MB (the full-width trunk: 13.4 M, 27 MB) and the CPU path fast."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_model
 from .base import BasicBlock, Bottleneck, LayerSpec, SegmentationModel, init_weights, make_stage
 
 
@@ -60,7 +61,7 @@ class TrunkFeatures(NamedTuple):
 
 def ddrnet_trunk(m: nn.Module, x: torch.Tensor) -> TrunkFeatures:
     """The two-branch trunk on a normalised input. ``m`` holds DDRNet's stage modules under DDRNet's names:
-    the segmenter itself, or a detector body sharing them (``realtime.detection.models.DDRNetPyramid``)."""
+    the segmenter itself, or a detector body sharing them (``realtime.models.detectors.DDRNetPyramid``)."""
     x = m.layer1(m.conv1(x))
     l2 = m.layer2(m.relu(x))
     l3 = m.layer3(m.relu(l2))
@@ -131,5 +132,6 @@ class DDRNet(SegmentationModel):
             aliases=aliases)
 
 
+@register_model("ddrnet23_slim", description="DDRNet-23-slim, two-branch real-time segmenter")
 def build_ddrnet23_slim(num_classes: int = 11) -> DDRNet:
     return DDRNet(num_classes=num_classes, planes=32, spp_planes=128, head_planes=64)

@@ -4,46 +4,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .base import SegmentationModel
-from .bisenet import build_bisenetv1
-from .ddrnet import build_ddrnet23_slim
+from realtime.core.registry import Registry
+from realtime.data.detection import DETECTION_CLASSES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TASKS = ("segmentation", "detection")
+
+# Every model, segmenter or detector: ``@register_model(name, task=..., description=...)`` on its factory.
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", builtins=("realtime.models.ddrnet", "realtime.models.bisenet", "realtime.models.detectors"))
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    factory: Callable[..., SegmentationModel]
-    description: str
-
-
-_MODELS: Dict[str, ModelEntry] = {e.name: e for e in (
-    ModelEntry("ddrnet23_slim", build_ddrnet23_slim, "DDRNet-23-slim, two-branch real-time segmenter"),
-    ModelEntry("bisenetv1", build_bisenetv1, "BiSeNet V1, spatial path + half-width ResNet-18 context path"),
-)}
-
-
-def _detection():
-    """The detector registry (imported lazily: the detection package builds on this module)."""
-    from ..detection import registry
-    return registry
+def register_model(name: str, task: str = "segmentation", description: str = "",
+                   train_command: Optional[str] = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register a factory ``fn(**kwargs) -> nn.Module`` as model ``name`` of ``task``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    trainer = "realtime.train" if task == "segmentation" else "realtime.train_detection"
+    return MODELS.register(name, task=task, description=description,
+                           train_command=train_command or f"python -m {trainer} --model {name}")
 
 
 def list_models(task: Optional[str] = None) -> List[str]:
-    """Registered names: segmenters, detectors (``realtime.detection``), or both (``task=None``)."""
-    seg = sorted(_MODELS) if task in (None, "segmentation") else []
-    det = _detection().list_detectors() if task in (None, "detection") else []
-    if task not in (None, "segmentation", "detection"):
+    """Registered names, sorted: segmenters, detectors, or both (``task=None``, segmenters first)."""
+    if task not in (None, *TASKS):
         raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
-    return seg + det
+    return [n for t in TASKS if task in (None, t) for n in sorted(MODELS.names(task=t))]
 
 
 def model_task(model: nn.Module) -> str:
@@ -55,27 +47,25 @@ def default_weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}_camvid.pt"
 
 
-def _entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}")
-    return _MODELS[name]
-
-
-def build_model(name: str, weights: Union[str, os.PathLike, None] = "default", num_classes: int = 11,
-                device: Union[str, torch.device] = "cpu") -> SegmentationModel:
-    """Build a registered model in eval mode.
+def build_model(name: str, weights: Union[str, os.PathLike, None] = "default",
+                device: Union[str, torch.device] = "cpu", **kwargs: Any) -> nn.Module:
+    """Build a registered model in eval mode; ``kwargs`` go to its factory (e.g. ``num_classes``).
 
     ``weights``: ``"default"`` loads the shipped CamVid weights (error if they are missing),
-    ``None`` keeps the random initialisation, anything else is a checkpoint path. Detector names
-    (``list_models("detection")``) go to ``realtime.detection.build_detector`` (``num_classes`` unused).
+    ``None`` keeps the random initialisation, anything else is a checkpoint path. Detectors get
+    CamVid's four "things" as ``class_names`` unless given; ``fcos_ddrnet``'s trunk is left at random
+    init when full weights replace it anyway (``trunk_weights``).
     """
-    if name not in _MODELS and _detection().is_detector(name):
-        return _detection().build_detector(name, weights=weights, device=device)
-    model = _entry(name).factory(num_classes=num_classes)
+    entry = MODELS.entry(name)
+    if entry.meta["task"] == "detection":
+        kwargs.setdefault("class_names", DETECTION_CLASSES)
+        if name == "fcos_ddrnet" and weights is not None:
+            kwargs.setdefault("trunk_weights", None)      # the full checkpoint replaces the trunk anyway
+    model = entry.obj(**kwargs)
     model.model_name = name
     if weights is not None:
-        load_weights(model, resolve_weights(weights, default_weights_path(name), f"'{name}'",
-                                            f"python -m realtime.train --model {name}"))
+        what = f"'{name}'" if entry.meta["task"] == "segmentation" else f"detector '{name}'"
+        load_weights(model, resolve_weights(weights, default_weights_path(name), what, entry.meta["train_command"]))
     return model.to(device).eval()
 
 

@@ -8,7 +8,7 @@ BatchNorm statistics frozen (batches of 4 are too small to re-estimate them). Ch
 stops cleanly, and ``--export`` writing fp16 weights + a JSON sidecar (val mAP, per-class AP, command,
 environment, fingerprint).
 
-  python -m realtime.detection.train --model fcos_ddrnet --epochs 24 --export default     # 2-core CPU, ~45 min
+  python -m realtime.train_detection --model fcos_ddrnet --epochs 24 --export default     # 2-core CPU, ~45 min
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.detection import CamVidDetection
-from ..devices import describe, pick_device
-from ..models.registry import fingerprint, save_weights
-from .metrics import coco_map, predictions_to_cpu
-from .registry import build_detector, default_detector_weights, list_detectors
+from realtime.data.detection import CamVidDetection
+from realtime.core.devices import describe, pick_device
+from realtime.models.registry import fingerprint, save_weights
+from realtime.core.box_metrics import coco_map, predictions_to_cpu
+from realtime.models.registry import build_model, default_weights_path, list_models
 
 
 @dataclass
@@ -124,7 +124,7 @@ class DetTrainer:
         self.device = pick_device(cfg.device)
         self.train_x, self.train_t = load_split(cfg.data, "train", cfg.limit)
         self.val_x, self.val_t = load_split(cfg.data, "val", cfg.val_limit)
-        self.model = build_detector(cfg.model, weights=None, device=self.device)
+        self.model = build_model(cfg.model, weights=None, device=self.device)
         trunk = [p for n, p in self.model.named_parameters() if n.startswith("backbone.body.")]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.body.")]
         mult = cfg.trunk_lr_mult if cfg.model == "fcos_ddrnet" else 1.0
@@ -213,11 +213,11 @@ class DetTrainer:
 
     def export(self, target: str, command: str) -> Path:
         """Best checkpoint -> fp16 weights; val mAP re-measured with the fp16 weights as shipped."""
-        path = default_detector_weights(self.cfg.model) if target == "default" else Path(target)
+        path = default_weights_path(self.cfg.model) if target == "default" else Path(target)
         best = torch.load(self.out / "best.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict(best["model"])
         save_weights(self.model, path, half=True)
-        model16 = build_detector(self.cfg.model, weights=path, device=self.device)
+        model16 = build_model(self.cfg.model, weights=path, device=self.device)
         res = evaluate(model16, self.val_x, self.val_t, self.device, desc="val fp16")
         meta = {"model": self.cfg.model, "dataset": "CamVid boxes (realtime.data.detection, min area 100 px)",
                 "val_map_50": res["map_50"], "val_map": res["map"], "ap50_per_class": res["ap50_per_class"],
@@ -233,7 +233,7 @@ class DetTrainer:
 def parse_args(argv=None) -> DetTrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DetTrainConfig()
-    p.add_argument("--model", default=d.model, choices=list_detectors())
+    p.add_argument("--model", default=d.model, choices=list_models("detection"))
     p.add_argument("--data", default=None, help="CamVid root (default: $REALTIME_DATA or ../shared/datasets/camvid)")
     for f in ("out", "epochs", "time_budget", "batch_size", "lr", "trunk_lr_mult", "weight_decay", "warmup_iters",
               "zoom_max", "eval_every", "limit", "val_limit", "seed", "device", "export"):
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     trainer = DetTrainer(cfg)
     print(json.dumps(trainer.fit()), flush=True)
     if cfg.export:
-        trainer.export(cfg.export, "python -m realtime.detection.train " + " ".join(sys.argv[1:] if argv is None
+        trainer.export(cfg.export, "python -m realtime.train_detection " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv))
     return 0
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from realtime.data.camvid import PALETTE
-from realtime.sinks.boxes import Boxes, draw_boxes
+from realtime.live.sinks.boxes import Boxes, draw_boxes
 
 
 def overlay_segmentation(frame: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:

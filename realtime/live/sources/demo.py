@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from realtime.attacks import CaptureConfig, load_patch_png, render_quads
-from realtime.sources.base import Frame, Source, SourceError
-from realtime.sources.camvid import CAMVID_VIDEO_FPS, open_sequence
+from realtime.live.sources.base import Frame, Source, SourceError
+from realtime.live.sources.camvid import CAMVID_VIDEO_FPS, open_sequence
 
-LIBRARY = Path(__file__).resolve().parent / "attacks" / "library"
+LIBRARY = Path(__file__).resolve().parents[2] / "attacks" / "library"
 BUILDING, ROAD = 1, 3
 OCCLUDERS = (2, 5, 6, 7, 8, 9, 10)      # pole, tree, sign, fence, car, pedestrian, bicyclist
 

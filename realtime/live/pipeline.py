@@ -21,10 +21,9 @@ import cv2
 import numpy as np
 import torch
 
-from realtime.defenses.zmask import validate_input
-from realtime.sinks.boxes import Boxes, to_boxes
-from realtime.sources import Frame, Source, SourceDied, SourceError, make_queue
-from realtime.voting import TemporalVoter, VotingConfig
+from .sources import Frame, Source, SourceDied, SourceError, make_queue
+from .step import Step, StepResult
+from .voting import VotingConfig
 
 
 @dataclass(frozen=True)
@@ -38,29 +37,6 @@ class PipelineConfig:
     audit: bool = False           # also analyse the UNmasked frame when propagation masked it (2x cost)
     live_queue: int = 1
     replay_queue: int = 2
-
-
-@dataclass
-class StepResult:
-    """What the compute stage decided for one frame (masks are HxW bool at model resolution).
-
-    The output is ``label`` (segmenters: HxW class map) or ``boxes`` (detectors); neither is set on
-    an unsafe frame."""
-    label: Optional[np.ndarray]
-    masked: Optional[np.ndarray] = None
-    score: Optional[float] = None
-    flagged: bool = False
-    carried: bool = False
-    propagated: bool = False
-    second_pass: bool = False
-    raw_flagged: Optional[bool] = None
-    alarm: bool = False
-    raised: bool = False
-    cleared: bool = False
-    unsafe: bool = False
-    error: Optional[str] = None
-    stages: Dict[str, float] = field(default_factory=dict)
-    boxes: Optional[Boxes] = None
 
 
 @dataclass
@@ -88,18 +64,6 @@ class RunInfo:
     sink_error: Optional[str] = None
 
 
-class Clock:
-    """perf_counter in ms, synchronising CUDA first so a stage's time is its own."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
-        return time.perf_counter() * 1000.0
-
-
 def preprocess(image: np.ndarray, imgsz: Optional[Tuple[int, int]], device: torch.device,
                stream: Any = None) -> Tuple[np.ndarray, torch.Tensor, Any]:
     """Resize to the model size, then (1,3,H,W) float in [0,1] on ``device`` (+ a CUDA ready-event)."""
@@ -115,114 +79,6 @@ def preprocess(image: np.ndarray, imgsz: Optional[Tuple[int, int]], device: torc
         ready = torch.cuda.Event()
         ready.record(stream)
     return image, x, ready
-
-
-def to_label(logits: Any) -> np.ndarray:
-    """HxW int class map from (1,C,H,W) logits (or a dict/tuple whose first tensor they are)."""
-    if isinstance(logits, dict):
-        logits = next(iter(logits.values()))
-    if isinstance(logits, (list, tuple)):
-        logits = logits[0]
-    return logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
-
-
-def decode(output: Any, task: str = "segmentation") -> Dict[str, Any]:
-    """The frame's output as StepResult fields: ``label`` for segmenters, ``boxes`` for detectors
-    (``realtime.models.registry.model_task``), so every step handles both tasks in one place."""
-    return {"label": None, "boxes": to_boxes(output)} if task == "detection" else {"label": to_label(output)}
-
-
-class PlainEngine:
-    """``--defense none``: the backbone alone (no score, no alarm); ``model`` is a module or ``engine.plain``."""
-
-    def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device,
-                 task: str = "segmentation") -> None:
-        self.model, self.clock, self.task = model, Clock(device), task
-
-    @torch.inference_mode()
-    def step(self, x: torch.Tensor) -> StepResult:
-        t0 = self.clock()
-        out = self.model(x)
-        t1 = self.clock()
-        res = decode(out, self.task)
-        return StepResult(**res, stages={"backbone": t1 - t0, "postprocess": self.clock() - t1})
-
-
-class ZMaskEngine:
-    """Z-Mask with voting and mask propagation; a defense failure follows the fail-open/closed policy.
-
-    Fail-open (default): the frame's segmentation comes from a plain, UNdefended pass and the event
-    carries the error. Fail-closed (``--fail-closed``): the frame is marked unsafe and no
-    segmentation is emitted for it (the video shows an empty panel).
-    """
-
-    def __init__(self, zm: Any, voting: VotingConfig, device: torch.device, fail_closed: bool = False,
-                 audit: bool = False, task: str = "segmentation") -> None:
-        self.zm, self.voter, self.task = zm, TemporalVoter(voting), task
-        self.clock, self.fail_closed, self.audit = Clock(device), fail_closed, audit
-
-    def _first_pass(self, x: torch.Tensor, st: Dict[str, float]) -> Tuple[Any, bool, torch.Tensor, float]:
-        """Backbone with taps, then ZMask.detect, timed apart: (output, flagged, masked region (1,1,H,W), d)."""
-        zm = self.zm
-        validate_input(x, zm.cfg.check_finite)
-        t0 = self.clock()
-        out, taps = zm.taps(x)
-        t1 = self.clock()
-        det = zm.detect(taps, (x.shape[-2], x.shape[-1]))
-        st["backbone"] = st.get("backbone", 0.0) + t1 - t0
-        st["defense"] = st.get("defense", 0.0) + self.clock() - t1
-        return out, bool(det.flagged[0]), 1.0 - det.mask, float(det.score[0])
-
-    @torch.inference_mode()
-    def step(self, x: torch.Tensor) -> StepResult:
-        st: Dict[str, float] = {}
-        try:
-            return self._step(x, st)
-        except Exception as exc:  # the policy decides what a failed defense means for this frame
-            return self._failed(x, st, exc)
-
-    def _step(self, x: torch.Tensor, st: Dict[str, float]) -> StepResult:
-        zm = self.zm
-        prop = self.voter.propagated()
-        x1 = zm.shield(x, 1.0 - prop) if prop is not None else x
-        out, flagged, fresh, score = self._first_pass(x1, st)
-        raw_flagged = None
-        if self.audit and prop is not None:
-            aud: Dict[str, float] = {}
-            raw_flagged = self._first_pass(x, aud)[1]
-        t0 = self.clock()
-        carried = prop is not None and not flagged
-        vs = self.voter.update(flagged, fresh if flagged else None, carried)
-        t1 = self.clock()
-        st["vote"] = t1 - t0
-        masked = None
-        if flagged:
-            masked = torch.maximum(fresh, prop) if prop is not None else fresh
-            out = zm.taps.plain(zm.shield(x, 1.0 - masked))
-        elif prop is not None:
-            masked = prop
-        t2 = self.clock()
-        st["second_pass"] = t2 - t1
-        res = decode(out, self.task)
-        m = masked[0, 0].to("cpu").numpy() > 0.5 if masked is not None else None
-        st["postprocess"] = self.clock() - t2
-        return StepResult(**res, masked=m, score=score, flagged=flagged, carried=carried,
-                          propagated=prop is not None, second_pass=flagged, raw_flagged=raw_flagged,
-                          alarm=vs.alarm, raised=vs.raised, cleared=vs.cleared, stages=st)
-
-    def _failed(self, x: torch.Tensor, st: Dict[str, float], exc: Exception) -> StepResult:
-        msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        alarm = self.voter.alarm
-        if self.fail_closed:
-            return StepResult(label=None, unsafe=True, error=msg, alarm=alarm, stages=st)
-        try:
-            t0 = self.clock()
-            res = decode(self.zm.taps.plain(x), self.task)
-            st["backbone"] = st.get("backbone", 0.0) + self.clock() - t0
-            return StepResult(**res, error=msg, alarm=alarm, stages=st)
-        except Exception as exc2:  # not even the plain model runs: nothing trustworthy to emit
-            return StepResult(label=None, unsafe=True, error=f"{msg}; plain pass: {exc2}"[:300], alarm=alarm,
-                              stages=st)
 
 
 def _put(q: Any, item: Any, stop: threading.Event) -> bool:
@@ -246,7 +102,7 @@ def _get(q: Any, stop: threading.Event) -> Any:
     return None
 
 
-def run_pipeline(source: Source, engine: Any, on_result: Callable[[Work, StepResult], None],
+def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepResult], None],
                  cfg: PipelineConfig, device: torch.device,
                  should_stop: Callable[[], bool] = lambda: False, info: Optional[RunInfo] = None) -> RunInfo:
     """Run ``source`` through ``engine``; ``on_result`` (the sinks) runs on its own thread.

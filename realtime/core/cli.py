@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Tuple
 
-from realtime.data import DataNotFoundError
+from realtime.core.errors import DataNotFoundError
 
 # Failures a user can fix (bad path, unknown name, mismatched artifact): reported without a traceback.
 USER_ERRORS = (DataNotFoundError, FileNotFoundError, KeyError, ValueError, RuntimeError)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ..models.base import LayerSpec
+from .base import LayerSpec
 
 _R50 = LayerSpec(
     shallow=("backbone.body.relu", "backbone.body.conv1", "backbone.body.layer1.0.conv1"),

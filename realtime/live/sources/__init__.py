@@ -57,7 +57,7 @@ def open_source(spec: str, opts: SourceOptions = SourceOptions()) -> Source:
     """Open ``spec``; every failure is a one-line SourceError."""
     kind = source_kind(spec)
     if kind == "demo":
-        from realtime.demo_scene import DemoConfig, DemoSource
+        from realtime.live.sources.demo import DemoConfig, DemoSource
         kw: dict = {}
         if ":" in spec:                        # demo:SEQ[@split]: another sequence, split searched if absent
             seq, _, split = spec.split(":", 1)[1].partition("@")

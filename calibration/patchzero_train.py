@@ -1,6 +1,6 @@
 """Train the PatchZero detector on CamVid TRAIN frames and measure it on VAL frames with held-out patches.
 
-    python -m realtime.defenses.patchzero_train --data DIR --out realtime/defenses/weights/patchzero_camvid.pt \
+    python -m calibration.patchzero_train --data DIR --out realtime/defenses/weights/patchzero_camvid.pt \
         [--epochs 60] [--time-budget 50] [--resume]
 
 Training data: each batch is half clean frames (target all zero) and half frames with one pasted patch
@@ -29,9 +29,9 @@ from tqdm import tqdm
 from realtime.attacks.apply import CaptureConfig, Placement, apply_patch, load_patch_png
 from realtime.data import CamVid
 
-from .patchzero import DEFAULT_WEIGHTS, PatchDetector, PatchZeroConfig, detect, pixel_counts, prf
+from realtime.defenses.patchzero import DEFAULT_WEIGHTS, PatchDetector, PatchZeroConfig, detect, pixel_counts, prf
 
-LIBRARY = Path(__file__).resolve().parents[1] / "attacks" / "library"
+LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "library"
 TRAIN_PATCH_GLOB = "*_beta0.*_L.png"        # never the eot_* patches (held out for testing)
 TEST_PATCH_GLOB = "*_eot_[SML].png"
 
@@ -200,7 +200,7 @@ def fit_min_area(net: PatchDetector, frames: torch.Tensor, inf: PatchZeroConfig,
                  ) -> Dict[str, float]:
     """The frame-flag threshold on the detected area: at most ``fpr`` of the clean TRAIN ``frames`` (uint8,
     already at the work size) exceed it. Returns the threshold and the resulting train flag rate."""
-    from .overactivation import threshold_at_fpr
+    from realtime.defenses.overactivation import threshold_at_fpr
     net.eval()
     areas = torch.cat([(detect(net, frames[i:i + 16].float().div(255), inf.work_size) > inf.threshold)
                        .float().flatten(1).mean(1) for i in range(0, frames.shape[0], 16)])

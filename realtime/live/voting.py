@@ -21,7 +21,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from realtime.defenses.base import dilate
+from realtime.core.types import dilate
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,10 @@ def tune(clean: Sequence[Sequence[bool]], patched: Sequence[Tuple[Sequence[bool]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m realtime.voting --clean A.jsonl ... --patched B.jsonl ...``: rank k/n/m on replays
+    """``python -m realtime.live.voting --clean A.jsonl ... --patched B.jsonl ...``: rank k/n/m on replays
     recorded with ``--vote off`` (so every frame was analysed unmasked)."""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m realtime.voting", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m realtime.live.voting", description=main.__doc__)
     p.add_argument("--clean", nargs="+", required=True, help="events of clean replays")
     p.add_argument("--patched", nargs="+", required=True, help="events of patched replays (ground truth known)")
     p.add_argument("--thresholds", default=None, help="comma-separated per-frame thresholds on the score "

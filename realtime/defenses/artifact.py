@@ -16,7 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from realtime.defenses import ChannelStats, FusionBlock, SPRConfig, ZMask, ZMaskConfig
+from .fusion import FusionBlock
+from .spr import SPRConfig
+from .zmask import ChannelStats, ZMask, ZMaskConfig
 from realtime.models import fingerprint
 
 FORMAT = "zmask-calibration/1"

@@ -16,15 +16,16 @@ training command can train them where compute allows (a GPU).
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..compat import import_torchvision
-from ..models.base import CAMVID_MEAN, CAMVID_STD, LayerSpec
-from ..models.ddrnet import DDRNet, ddrnet_trunk
+from realtime.core.compat import import_torchvision
+from .base import CAMVID_MEAN, CAMVID_STD, LayerSpec
+from .ddrnet import DDRNet, ddrnet_trunk
 
 import_torchvision()
 from torchvision.models import detection as tvdet  # noqa: E402
@@ -33,6 +34,7 @@ from torchvision.models.detection.fcos import FCOSHead  # noqa: E402
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7  # noqa: E402
 
 from .layersets import layer_spec_for  # noqa: E402
+from .registry import build_model, register_model  # noqa: E402
 
 
 class DetectorMixin:
@@ -109,12 +111,13 @@ def _transform_kwargs(min_size: int, max_size: int) -> Dict[str, Any]:
     return dict(min_size=min_size, max_size=max_size, image_mean=list(CAMVID_MEAN), image_std=list(CAMVID_STD))
 
 
+@register_model("fcos_ddrnet", task="detection",
+                description="torchvision FCOS on a DDRNet-23-slim pyramid (trunk from our CamVid segmenter)")
 def build_fcos_ddrnet(num_classes: int = 5, trunk_weights: Optional[str] = "default", min_size: int = 360,
                       max_size: int = 480, fpn_channels: int = 96, head_convs: int = 2,
                       class_names: Sequence[str] = ()) -> nn.Module:
     """FCOS on a DDRNet-23-slim pyramid. ``trunk_weights``: ``"default"`` starts from our CamVid
     segmentation weights (an error if they are missing), ``None`` from random init, or a checkpoint path."""
-    from ..models.registry import build_model          # lazy: the model registry lists detectors too
     trunk = build_model("ddrnet23_slim", weights=trunk_weights)
     backbone = PyramidBackbone(DDRNetPyramid(trunk), fpn_channels)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((1.0,),) * 5)
@@ -141,3 +144,12 @@ def build_stock(name: str, num_classes: int = 5, min_size: int = 360, max_size: 
                 class_names: Sequence[str] = ()) -> nn.Module:
     """torchvision's own builder with ``weights=None, weights_backbone=None`` (random init)."""
     return _stock(name, name, num_classes, min_size, max_size, class_names)
+
+
+STOCK = {"retinanet_resnet50_fpn": "torchvision RetinaNet R50-FPN (weights=None)",
+         "fasterrcnn_resnet50_fpn": "torchvision Faster R-CNN R50-FPN (weights=None)",
+         "fcos_resnet50_fpn": "torchvision FCOS R50-FPN (weights=None)",
+         "ssd300_vgg16": "torchvision SSD300 VGG-16 (weights=None)",
+         "ssdlite320_mobilenet_v3_large": "torchvision SSDlite320 MobileNetV3 (weights=None)"}
+for _name, _desc in STOCK.items():
+    register_model(_name, task="detection", description=_desc)(functools.partial(build_stock, _name))

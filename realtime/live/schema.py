@@ -1,0 +1,80 @@
+"""The typed, versioned schema of the live pipeline's JSON-lines events.
+
+An events file starts with one ``RunHeader`` line (``"type": "run"``, ``"schema": SCHEMA``), then one
+``FrameEvent`` per processed frame and one ``AlarmEvent`` per alarm transition. Consumers should
+check ``schema``; fields are only ever added within a version, never renamed or removed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+SCHEMA = "zmask-events/1"
+
+
+@dataclass
+class RunHeader:
+    """First line: which schema, and what ran (source, model, defense)."""
+    source: str
+    model: str
+    defense: str
+    type: str = "run"
+    schema: str = SCHEMA
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FrameEvent:
+    """One processed frame. ``frame`` counts processed frames; ``source_frame`` is the source's index.
+
+    Optional groups: ``raw_flagged`` (``--audit``), ``boxes`` (detectors), ``gt_*`` (sources that
+    know where the patch is); they are left out of the record when not set."""
+    frame: int
+    source_frame: int
+    timestamp: float
+    score: Optional[float]
+    flagged: bool
+    alarm: bool
+    alarm_raised: bool
+    mask_box: Optional[List[int]]
+    mask_frac: float
+    second_pass: bool
+    propagated: bool
+    carried: bool
+    unsafe: bool
+    error: Optional[str]
+    stages_ms: Dict[str, float]
+    compute_ms: float
+    latency_ms: float
+    raw_flagged: Optional[bool] = None
+    boxes: Optional[List[Dict[str, Any]]] = None
+    has_boxes: bool = False                 # a detector's frame: ``boxes`` is written even when None
+    gt: Dict[str, Any] = field(default_factory=dict)   # gt_patch, gt_inter, gt_union, gt_iou
+    type: str = "frame"
+
+    def to_dict(self) -> Dict[str, Any]:
+        rec = {k: v for k, v in asdict(self).items() if k not in ("raw_flagged", "boxes", "has_boxes", "gt", "type")}
+        rec = {"type": self.type, **rec}
+        if self.raw_flagged is not None:
+            rec["raw_flagged"] = self.raw_flagged
+        if self.has_boxes:
+            rec["boxes"] = self.boxes
+        rec.update(self.gt)
+        return rec
+
+
+@dataclass
+class AlarmEvent:
+    """The alarm turned on or off at ``frame``."""
+    state: str          # "on" | "off"
+    frame: int
+    timestamp: float
+    type: str = "alarm"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"type": self.type, "state": self.state, "frame": self.frame, "timestamp": self.timestamp}
+
+
+__all__ = ["AlarmEvent", "FrameEvent", "RunHeader", "SCHEMA"]
