@@ -1,4 +1,8 @@
-"""Where the CamVid data lives: ``--data DIR``, then ``$REALTIME_DATA``, then ``../shared/datasets/camvid``."""
+"""Where the CamVid data lives: ``--data DIR``, then ``$REALTIME_DATA``, then ``../shared/datasets/camvid``.
+
+``REALTIME_NO_DATA=1`` switches the lookup off (only an explicit ``--data`` still counts): the machine
+then behaves like a fresh clone without the dataset, which is how the tests prove that path.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 ENV_VAR = "REALTIME_DATA"
+NO_DATA_VAR = "REALTIME_NO_DATA"
 SHARED_REL = Path("..") / "shared" / "datasets" / "camvid"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,6 +20,11 @@ from realtime.core.errors import DataNotFoundError
 
 def _looks_like_camvid(path: Path) -> bool:
     return path.is_dir() and any((path / s).is_dir() for s in ("train", "val", "test"))
+
+
+def lookup_disabled() -> bool:
+    """True when ``$REALTIME_NO_DATA`` is set to anything but empty/0/false/no."""
+    return os.environ.get(NO_DATA_VAR, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def resolve_data_dir(data: Optional[str | os.PathLike] = None) -> Path:
@@ -30,6 +40,9 @@ def resolve_data_dir(data: Optional[str | os.PathLike] = None) -> Path:
             return p.resolve()
         raise DataNotFoundError(
             f"--data {p} is not a CamVid directory (expected sub-folders such as train/ and trainannot/)")
+    if lookup_disabled():
+        raise DataNotFoundError(f"CamVid data not found: the lookup is switched off by ${NO_DATA_VAR}="
+                                f"{os.environ[NO_DATA_VAR]} (pass --data DIR, or unset it)")
     env = os.environ.get(ENV_VAR)
     if env:
         p = Path(env).expanduser()
