@@ -15,7 +15,9 @@ setup(
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
     package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
                   "realtime.defenses": ["weights/*.pt", "weights/*.json"],
-                  "calibration": ["shipped/*"]},
+                  "calibration": ["shipped/*"],
+                  "realtime.attacks": ["library/*.png", "library/*.json"],   # the demo's patch
+                  "realtime.live.sources": ["assets/demo_0016E5/*"]},        # the embedded demo clip
     install_requires=[
         # torch is deliberately left unpinned here so GPU users keep their CUDA build; CPU machines
         # install requirements/cpu.txt first (torch==2.13.0 CPU wheel), which satisfies this.

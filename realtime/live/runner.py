@@ -185,7 +185,9 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
             out.close()
     finally:
         source.close()
-    summary: Dict[str, Any] = {"source": cfg.source, "kind": source_kind(cfg.source), "model": cfg.model,
+    summary: Dict[str, Any] = {"source": cfg.source, "kind": source_kind(cfg.source),
+                               **({"source_info": source.info} if getattr(source, "info", None) else {}),
+                               "model": cfg.model,
                                **desc, "imgsz": list(imgsz), "device": describe(device),
                                **out.stats.summary(info.wall_s, info.read, info.dropped),
                                **({"box_threshold": cfg.box_threshold} if "task" in desc else {}),
@@ -236,6 +238,8 @@ def print_summary(s: Dict[str, Any]) -> None:
         head = g.get("clean_before_patch", {})
         print(f"ground truth: clean sequence, {head.get('alarms_raised', 0)} alarms raised on "
               f"{head.get('frames', 0)} frames, {head.get('flagged_frames', 0)} frames flagged")
+    if s.get("source_info", {}).get("note"):
+        print(f"source: {s['source_info']['note']}")
     outs = ", ".join(v for v in s["outputs"].values() if v)
     print(f"wrote {outs}")
 

@@ -19,10 +19,16 @@ What it does, per frame of the sequence (default: val ``0016E5``, 101 frames sam
    (lighting, blur, noise, JPEG; one draw per poster so a poster keeps its lighting); pixels whose
    label is a foreground object (pole, sign, tree, fence, car, pedestrian, cyclist) occlude it.
    The ground-truth patch mask is exactly the composited pixels.
+
+Frames and labels come from CamVid when the dataset is found (``--data``, ``$REALTIME_DATA``,
+``../shared``); otherwise, for the default sequence, from the clip embedded in the repository
+(``demo_clip.py``: H.264 frames + packed label maps), so the demo runs on a fresh machine. The same
+renderer runs on either; ``DemoSource.info`` (and the run summary) says which one was used.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -32,8 +38,11 @@ import numpy as np
 import torch
 
 from realtime.attacks import CaptureConfig, load_patch_png, render_quads
+from realtime.data import DataNotFoundError, resolve_data_dir
+from realtime.data.paths import ENV_VAR, lookup_disabled
 from realtime.live.sources.base import Frame, Source, SourceError
 from realtime.live.sources.camvid import CAMVID_VIDEO_FPS, open_sequence
+from realtime.live.sources.demo_clip import CLIP_DIR, CLIP_SEQUENCE, CLIP_SPLIT, ClipView
 
 LIBRARY = Path(__file__).resolve().parents[2] / "attacks" / "library"
 BUILDING, ROAD = 1, 3
@@ -63,6 +72,11 @@ class DemoConfig:
 
     def patched(self, k: int) -> bool:
         return self.patch_start <= k < self.patch_start + self.patch_frames
+
+    def track_key(self) -> dict:
+        """The settings the poster geometry depends on (not the patch, seed or occlusion)."""
+        return {"sequence": self.sequence, "patch_start": self.patch_start, "patch_frames": self.patch_frames,
+                "poster_scale": self.poster_scale, "min_inliers": self.min_inliers}
 
 
 def capture_config() -> CaptureConfig:
@@ -174,6 +188,31 @@ def poster_ok(quad: Quad, label: np.ndarray, area0: float) -> bool:
     return float((label[inside] == BUILDING).mean()) >= 0.4
 
 
+def open_demo_view(cfg: DemoConfig, data: Optional[str]) -> Tuple[object, dict]:
+    """The frames to render on and where they came from: CamVid if found, else the embedded clip.
+
+    Only the default lookup falls back (an explicit ``--data`` that is wrong stays an error), and only
+    for the sequence the clip holds (``demo:OTHER`` needs the dataset). A ``$REALTIME_DATA`` naming no
+    CamVid directory stays an error too, unless ``$REALTIME_NO_DATA`` switches the lookup off.
+    """
+    explicit = data is not None or (bool(os.environ.get(ENV_VAR)) and not lookup_disabled())
+    if not explicit and cfg.sequence == CLIP_SEQUENCE and cfg.split in (None, CLIP_SPLIT):
+        try:
+            resolve_data_dir(None)
+        except DataNotFoundError:
+            view = ClipView()
+            crf = view.meta.get("video", {}).get("crf")
+            track = view.poster_track(cfg.track_key()) is not None
+            how = "the full renderer's recorded poster track" if track else "posters tracked on the decoded frames"
+            return view, {"demo_frames": "embedded clip", "path": str(CLIP_DIR), "recorded_track": track,
+                          "note": f"embedded clip {CLIP_SEQUENCE}@{CLIP_SPLIT} (CamVid not found: H.264 crf {crf} frames, "
+                                  f"packed labels, {how}; full dataset: see README)"}
+    view, split = open_sequence(cfg.sequence, cfg.split, data)
+    root = getattr(getattr(view, "dataset", None), "root", None)
+    return view, {"demo_frames": "camvid", "path": str(root),
+                  "note": f"CamVid {cfg.sequence}@{split} from {root} (full renderer on the original frames)"}
+
+
 class DemoSource(Source):
     """CamVid frames with the poster composited on the patched segment; ``gt_mask`` on every frame."""
 
@@ -181,7 +220,7 @@ class DemoSource(Source):
 
     def __init__(self, cfg: DemoConfig = DemoConfig(), data: Optional[str] = None) -> None:
         self.cfg = cfg
-        self.view, _ = open_sequence(cfg.sequence, cfg.split, data)
+        self.view, self.info = open_demo_view(cfg, data)
         path = cfg.patch_path()
         if not path.is_file():
             raise SourceError(f"demo patch {path} not found (pass --patch PNG)")
@@ -216,13 +255,22 @@ class DemoSource(Source):
         return img, m
 
     def __iter__(self) -> Iterator[Frame]:
+        # The embedded clip carries the full renderer's poster track (quads tracked on the original
+        # frames) for the default settings; replaying it keeps the geometry identical to a CamVid run.
+        replay = getattr(self.view, "poster_track", lambda key: None)(self.cfg.track_key())
         quad: Optional[Quad] = None
         area0 = 0.0
         prev: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self.poster_ids = []
         for k, (number, img, lab) in enumerate(self.view):
             gt = np.zeros(lab.shape, bool)
             shown = img
-            if self.cfg.patched(k):
+            if self.cfg.patched(k) and replay is not None:
+                q, self.posters = replay[k]
+                quad = None if q is None else np.asarray(q, np.float64)
+                if quad is not None:
+                    shown, gt = self._composite(img, lab, quad)
+            elif self.cfg.patched(k):
                 if quad is not None and prev is not None:
                     quad = track_quad(prev[0], img, prev[1], quad, self.cfg.min_inliers)
                 if quad is None or not poster_ok(quad, lab, area0):
@@ -235,6 +283,7 @@ class DemoSource(Source):
             else:
                 quad = None
             self.quads.append(None if quad is None else quad.copy())
+            self.poster_ids.append(self.posters)
             prev = (img, lab)
             yield Frame(index=k, image=np.ascontiguousarray(shown),
                         timestamp=(number - self._first) / CAMVID_VIDEO_FPS, gt_mask=gt, label=lab,
