@@ -17,7 +17,7 @@ from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid
 from realtime.data.augment import resize_batch
 from realtime.core.devices import autocast, describe, pick_device
-from realtime.models import build_model, fingerprint, list_models
+from realtime.models import build_model, fingerprint, list_models, model_arg
 from realtime.models.evaluate import evaluate
 
 
@@ -32,7 +32,8 @@ def format_table(result: Dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--weights", default="default", help="checkpoint path, or 'default' for the shipped weights")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="val", help="any split folder present in the data directory")

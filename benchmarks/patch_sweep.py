@@ -33,7 +33,7 @@ from realtime.attacks import CaptureConfig, Placement, apply_patch, load_patch_p
 from realtime.attacks.adaptive import over_activation  # noqa: E402
 from realtime.data import CLASSES, IGNORE_INDEX, CamVid  # noqa: E402
 from realtime.core.devices import describe, pick_device  # noqa: E402
-from realtime.models import build_model, fingerprint, list_models  # noqa: E402
+from realtime.models import build_model, fingerprint, list_models, model_arg  # noqa: E402
 
 
 @torch.no_grad()
@@ -141,7 +141,8 @@ def plot_beta(res: Dict, path: Path) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.patch_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--calibration", default=None)
     p.add_argument("--data", default=None)
     p.add_argument("--split", default="val")

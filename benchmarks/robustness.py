@@ -36,7 +36,7 @@ from realtime.data import CamVid, resolve_data_dir
 from realtime.defenses import registry
 from realtime.defenses.registry import DefenseContext
 from realtime.core.devices import describe, pick_device
-from realtime.models import build_model, fingerprint, list_models
+from realtime.models import build_model, fingerprint, list_models, model_slug
 
 from .robustness_conditions import CAPTURES, LIBRARY, capture_config, resolve_conditions
 from .robustness_report import DEFAULT_DIR, model_markdown, write_outputs
@@ -167,7 +167,7 @@ def run(cfg: RobustnessConfig) -> Dict:
     settings = CellSettings(cfg.model, fp, cfg.split, n, cfg.seed, cfg.capture, cfg.batch, str(dev), cfg.every)
     eot_l = next((c for c in conds if c.name == "eot_L"), None)
     l_hw = tuple(eot_l.patch.shape[1:]) if eot_l is not None else patch_size_for("L", tuple(images.shape[-2:]))
-    partial = Path(cfg.out_dir) / "partial" / f"{cfg.model}_{cfg.split}"
+    partial = Path(cfg.out_dir) / "partial" / f"{model_slug(cfg.model)}_{cfg.split}"
     results: Dict[str, Dict] = {}
     skipped: Dict[str, str] = {}
     for name in tqdm(names, desc="defenses", unit="defense", disable=not cfg.progress):
@@ -290,7 +290,7 @@ def run_and_write(cfg: Any, run_fn: Callable[[Any], Dict], write_fn: Callable[[D
               file=sys.stderr)
         return 130
     out = Path(cfg.out_dir)
-    path = write_json(out / f"robustness_{cfg.model}_{cfg.split}.json", res)
+    path = write_json(out / f"robustness_{model_slug(cfg.model)}_{cfg.split}.json", res)
     if cfg.json:
         write_json(cfg.json, res)
     files = write_fn(res, out)

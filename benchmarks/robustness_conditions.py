@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from realtime.attacks.apply import CaptureConfig, Placement, apply_patch, load_patch_png
+from realtime.models.registry import model_slug
 
 LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "library"
 TABLE4 = ("none", "random_L", "eot_S", "eot_M", "eot_L")
@@ -76,7 +77,7 @@ def known_condition(name: str) -> bool:
 def library_conditions(model: str, library: Path = LIBRARY) -> List[str]:
     """Condition names with a patch file for ``model`` in ``library`` (plus ``none``), in report order."""
     found = ["none"]
-    for png in Path(library).glob(f"{model}_*.png"):
+    for png in Path(library).glob(f"{model_slug(model)}_*.png"):
         name = png.stem[len(model) + 1:]
         if known_condition(name) and name != "none":
             found.append(name)
@@ -90,7 +91,7 @@ def load_condition(model: str, name: str, library: Path = LIBRARY) -> Condition:
     if not known_condition(name):
         raise KeyError(f"unknown condition {name!r}; known: {', '.join(TABLE4 + DETECTION_EXTRA)}, beta<b>_L, "
                        f"advmask_a<alpha>_L, advflag_a<alpha>_L")
-    path = Path(library) / f"{model}_{name}.png"
+    path = Path(library) / f"{model_slug(model)}_{name}.png"
     if not path.is_file():
         raise FileNotFoundError(f"no patch {path} for condition {name!r}; available for {model}: "
                                 f"{', '.join(library_conditions(model, library))}")

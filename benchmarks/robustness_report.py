@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .robustness_conditions import TABLE4  # noqa: E402
+from realtime.models.registry import model_slug
 
 DEFAULT_DIR = Path("benchmarks") / "results" / "robustness"
 
@@ -226,7 +227,7 @@ def save_figure(fig, path: Path) -> bool:
 def write_outputs(res: Dict, out_dir: Path) -> List[Path]:
     """``robustness_<model>_<split>.md`` and its PNGs in ``out_dir``; returns the files written."""
     s = res["settings"]
-    stem = Path(out_dir) / f"robustness_{s['model']}_{s['split']}"
+    stem = Path(out_dir) / f"robustness_{model_slug(s['model'])}_{s['split']}"
     md = stem.with_suffix(".md")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(model_markdown(res))

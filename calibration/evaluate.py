@@ -30,7 +30,7 @@ from realtime.attacks import CaptureConfig
 from realtime.data import CamVid
 from realtime.defenses.zmask_defense import ZMaskDefense
 from realtime.core.devices import describe, pick_device
-from realtime.models import build_model, fingerprint, list_models
+from realtime.models import build_model, fingerprint, list_models, model_arg, model_slug
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def mask_iou(keep_mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def evaluate(args: argparse.Namespace) -> Dict:
     dev = pick_device(args.device)
     model = build_model(args.model, device=dev)
-    cal_path = args.calibration or Path("calibration") / "shipped" / f"{args.model}.safetensors"
+    cal_path = args.calibration or Path("calibration") / "shipped" / f"{model_slug(args.model)}.safetensors"
     cal = load_calibration(cal_path, model)
     zm = cal.build_zmask(model).eval()
     ds = CamVid(args.data, args.split)
@@ -125,7 +125,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m calibration.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--calibration", default=None, help="artifact (default: the shipped one)")
     p.add_argument("--data", default=None)
     p.add_argument("--split", default="val", help="any split present in the data directory")

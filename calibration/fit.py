@@ -1,6 +1,13 @@
-"""Calibrate Z-Mask for a registered model on clean CamVid train frames.
+"""Calibrate Z-Mask for a model on clean frames: CamVid train frames, or your own unlabeled footage.
 
     python -m calibration.fit --model ddrnet23_slim --out calibration/shipped/ddrnet23_slim.safetensors
+    python -m calibration.fit --model torchvision:lraspp_mobilenet_v3_large --weights my.pt \
+        --frames drive.mp4 --max-frames 300 --craft-steps 200 --time-budget 1200 --out my.safetensors
+
+With ``--frames SRC`` (anything ``realtime.run --source`` accepts) no labels are read: mu/sigma come
+from those frames, and the patches for step 2 are crafted against the model's own predictions on them
+(``calibration.footage``: universal EOT S/M/L, axis-aligned with the physical-capture simulation),
+plus the random-noise patches and half-contrast twins of the ``simple`` set.
 
 1. per-channel mu/sigma of every candidate layer on clean frames (streaming pooled estimator);
 2. a patched twin of each calibration frame, placed at random with the physical-capture simulation:
@@ -18,22 +25,24 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
 from realtime.defenses.artifact import Calibration
 from calibration.collect import channel_stats, layer_heatmaps
+from calibration.footage import FootageConfig, craft_patches, pseudo_labels, read_footage
 from calibration.fusion_train import best_mask_threshold, scores, train_fusion
 from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
 from calibration.select_layers import mask_to_work, pick_layers, rank_layers, ranking_markdown
-from realtime.core.cli import run_job, write_json
+from realtime.core.cli import parse_hw, run_job, write_json
 from realtime.attacks import CaptureConfig
 from realtime.data import CamVid
 from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
 from realtime.core.devices import describe, pick_device
-from realtime.models import build_model, fingerprint, list_models
+from realtime.models import build_model, fingerprint, list_models, model_arg, model_slug
 from realtime.models.registry import model_task
 
 LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "library"
@@ -42,7 +51,8 @@ LIBRARY = Path(__file__).resolve().parents[1] / "realtime" / "attacks" / "librar
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m calibration.fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--model", required=True, type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--weights", default="default")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="train", help="calibration frames come from this split")
@@ -63,6 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple", "crafted"],
                    help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), crafted (EOT at "
                         "full and half contrast, no noise), auto = beta if any")
+    p.add_argument("--frames", default=None,
+                   help="unlabeled calibration footage: video, folder, glob, cameraN or URL (replaces --data/--split)")
+    p.add_argument("--max-frames", type=int, default=400, help="--frames: frames kept")
+    p.add_argument("--every", type=int, default=1, help="--frames: keep every k-th frame")
+    p.add_argument("--imgsz", type=parse_hw, default=(360, 480), help="--frames: model input HxW")
+    p.add_argument("--craft-steps", type=int, default=200,
+                   help="--frames: EOT steps per patch crafted against the model's own predictions (0: none)")
+    p.add_argument("--craft-sizes", default="S,M,L", help="--frames: patch sizes to craft")
+    p.add_argument("--time-budget", type=float, default=None, help="--frames: seconds for all the crafting")
     p.add_argument("--max-fpr", type=float, default=0.01)
     p.add_argument("--mask-threshold", default="0.5",
                    help="threshold on the soft mask M~ (paper: 0.5), or 'auto': the best pooled IoU with the true "
@@ -89,14 +108,37 @@ def training_sources(args: argparse.Namespace, hw, fp: str, task: str = "segment
     return make_sources(hw, crafted, seed=args.seed, task=task, include_random=args.sources != "crafted")
 
 
+def calibration_frames(args: argparse.Namespace) -> Tuple[torch.Tensor, str]:
+    """(uint8 frames, where they came from): the unlabeled ``--frames`` footage, else the CamVid split."""
+    if args.frames:
+        images = read_footage(FootageConfig(args.frames, max_frames=args.max_frames, every=args.every,
+                                            size=tuple(args.imgsz)))
+        return images[: args.stats_frames or len(images)], f"footage {args.frames} (no labels)"
+    ds = CamVid(args.data, args.split)
+    images, _ = ds.to_tensors(range(min(len(ds), args.stats_frames or len(ds))), progress=True)
+    return images, f"CamVid {args.split}"
+
+
+def footage_sources(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, hw, fp: str, task: str):
+    """``--frames``: patches crafted against the model's own predictions (plus noise and half contrast)."""
+    if task != "segmentation" or args.craft_steps <= 0:
+        return training_sources(args, hw, fp, task), []
+    dev = next(model.parameters()).device
+    labels = pseudo_labels(model, images, args.batch_size)
+    sizes = [s.strip().upper() for s in args.craft_sizes.split(",") if s.strip()]
+    crafted = craft_patches(model, images, labels, sizes, args.craft_steps, dev, seed=args.seed,
+                            time_budget=args.time_budget)
+    sources = make_sources(hw, [(n, p) for n, p, _s in crafted], seed=args.seed, task=task)
+    return sources, [{"name": n, "hw": list(p.shape[1:]), "steps": s} for n, p, s in crafted]
+
+
 def fit(args: argparse.Namespace) -> dict:
     t0 = time.time()
     dev = pick_device(args.device)
     model = build_model(args.model, weights=args.weights, device=dev)
     fp = fingerprint(model)
     spec = model.layers()
-    ds = CamVid(args.data, args.split)
-    images, _ = ds.to_tensors(range(min(len(ds), args.stats_frames or len(ds))), progress=True)
+    images, origin = calibration_frames(args)
     h, w = images.shape[-2:]
     task = model_task(model)
     if not 0 < args.work_scale <= 1:
@@ -110,7 +152,11 @@ def fit(args: argparse.Namespace) -> dict:
     step = max(len(images) // args.fit_frames, 1)
     fit_idx = list(range(0, len(images), step))[: args.fit_frames]
     clean_u8 = images[fit_idx]
-    sources = training_sources(args, (h, w), fp, task)
+    crafted_info: list = []
+    if args.frames:
+        sources, crafted_info = footage_sources(args, model, images, (h, w), fp, task)
+    else:
+        sources = training_sources(args, (h, w), fp, task)
     patched, masks, src_names = patch_frames(clean_u8, sources, seed=args.seed, capture=CaptureConfig.physical())
     gt_work = mask_to_work(masks, spr.work_size)
     hm_clean = layer_heatmaps(model, candidates, clean_u8, stats, spr, args.batch_size, "heatmaps clean")
@@ -143,14 +189,15 @@ def fit(args: argparse.Namespace) -> dict:
         fusion=block.to_dict(), roc=rep.to_dict(),
         extra={"ranking": [r.to_dict() for r in ranking], "layer_choice": args.shallow and "explicit" or args.layers,
                "estimator": "pooled per-channel mean/std over all working-grid pixels (Chan parallel update, float64)",
-               "stats_frames": len(images), "fit_frames": n, "split": args.split,
+               "stats_frames": len(images), "fit_frames": n, "split": args.split, "frames": origin,
+               "crafted_patches": crafted_info,
                "sources": sorted(set(src_names)), "task": task,
                "mask_threshold": {"chosen": mask_thr, "rule": args.mask_threshold, "iou_by_threshold": mask_ious}, "fusion_history": history, "env": describe(dev),
                "seconds": round(time.time() - t0, 1)})
-    out = Path(args.out or Path("calibration") / "shipped" / f"{args.model}.safetensors")
+    out = Path(args.out or Path("calibration") / "shipped" / f"{model_slug(args.model)}.safetensors")
     cal.save(out)
 
-    report = Path(args.report_dir or Path("benchmarks") / "results" / "calibration" / args.model)
+    report = Path(args.report_dir or Path("benchmarks") / "results" / "calibration" / model_slug(args.model))
     plot_roc({"calibration (train)": {**rep.to_dict(), "chosen": rep.to_dict()["chosen"]}}, report / "roc_fit.png",
              f"{args.model}: d on {n} clean vs {n} patched train frames")
     show = [0, 1, 2, 3]
@@ -160,7 +207,7 @@ def fit(args: argparse.Namespace) -> dict:
                   d[pick].tolist(), cfg.lambda0, report / "heatmaps_fit.png",
                   titles=["clean"] + [src_names[i] for i in (1, 2, 3)])
     (report / "layer_ranking.md").write_text(
-        f"# Layer ranking for {args.model} ({n} clean + {n} patched {args.split} frames)\n\n"
+        f"# Layer ranking for {args.model} ({n} clean + {n} patched frames, {origin})\n\n"
         + ranking_markdown(ranking, shallow, deep) + "\n")
     summary = {"artifact": str(out), "model": args.model, "fingerprint": fp, "shallow": shallow, "deep": deep,
                "lambda0": cfg.lambda0, "mask_threshold": mask_thr, "mask_iou_by_threshold": mask_ious, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],

@@ -35,7 +35,7 @@ from realtime.data.augment import AugmentConfig, augment_batch
 from realtime.core.devices import autocast, describe, pick_device
 from realtime.core.losses import class_weights, segmentation_loss
 from realtime.models.evaluate import evaluate
-from realtime.models import build_model, default_weights_path, fingerprint, list_models, save_weights
+from realtime.models import build_model, default_weights_path, fingerprint, list_models, model_arg, save_weights
 
 
 @dataclass
@@ -256,7 +256,8 @@ def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m realtime.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model, choices=list_models())
+    p.add_argument("--model", default=d.model, type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--out", default=d.out, help="run directory; an existing last.pt there is resumed")
     p.add_argument("--epochs", type=int, default=d.epochs)

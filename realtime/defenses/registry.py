@@ -16,6 +16,7 @@ from torch import nn
 from realtime.core.registry import Registry
 
 from .base import Defense
+from realtime.models.registry import model_slug
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ class DefenseContext:
     data: Optional[str] = None
 
     def calibration_path(self) -> Path:
-        return Path(self.calibration) if self.calibration else self.artifacts / f"{self.model_name}.safetensors"
+        return Path(self.calibration) if self.calibration else self.artifacts / f"{model_slug(self.model_name)}.safetensors"
 
     def forward(self) -> Callable[[torch.Tensor], Any]:
         """The plain forward pass: the engine's when one is set, else the module's."""

@@ -45,7 +45,8 @@ class DetectorMixin:
     class_names: Sequence[str] = ()
 
     def layers(self) -> LayerSpec:
-        return layer_spec_for(self.model_name)
+        found = self.__dict__.get("_layer_spec")       # an adopted external detector's discovered layers
+        return found if found is not None else layer_spec_for(self.model_name)
 
     @property
     def mean_color(self) -> torch.Tensor:
@@ -67,6 +68,18 @@ def _adopt(model: nn.Module, name: str, class_names: Sequence[str]) -> nn.Module
     model.__class__ = type(f"Z{base.__name__}", (DetectorMixin, base), {})
     model.model_name = name
     model.class_names = tuple(class_names)
+    return model
+
+
+def adopt_detector(model: nn.Module, name: str, class_names: Sequence[str]) -> nn.Module:
+    """``_adopt`` for a detector this project did not register: its Z-Mask candidate layers are found
+    by probing its backbone (``external.discover_layers``), named from the detector's root."""
+    from .external import discover_layers
+    model = _adopt(model, name, class_names)
+    spec = discover_layers(model.backbone)
+    pre = "backbone."
+    model._layer_spec = LayerSpec(tuple(pre + n for n in spec.shallow), tuple(pre + n for n in spec.deep),
+                                  tuple(pre + n for n in spec.candidates))
     return model
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import warnings
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -12,6 +15,8 @@ from torch import nn
 
 from realtime.core.registry import Registry
 from realtime.data.detection import DETECTION_CLASSES
+
+from .external import build_external, is_external
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TASKS = ("segmentation", "detection")
@@ -38,6 +43,20 @@ def list_models(task: Optional[str] = None) -> List[str]:
     return [n for t in TASKS if task in (None, t) for n in sorted(MODELS.names(task=t))]
 
 
+def model_arg(text: str) -> str:
+    """argparse ``type`` for ``--model``: a registered name or an external spec (checked when built)."""
+    if is_external(text) or text in MODELS:
+        return text
+    raise ValueError(f"unknown model {text!r}; registered: {', '.join(list_models())}; or torchvision:NAME, "
+                     "package.module:factory")
+
+
+def model_slug(name: str) -> str:
+    """``name`` as a file-name stem: registered names as they are, specs with ':' ',' '=' made safe
+    (``torchvision:lraspp_mobilenet_v3_large`` -> ``torchvision-lraspp_mobilenet_v3_large``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+
+
 def model_task(model: nn.Module) -> str:
     """'segmentation' (logits out) or 'detection' (torchvision-style list of box dicts out)."""
     return getattr(model, "task", "segmentation")
@@ -51,11 +70,21 @@ def build_model(name: str, weights: Union[str, os.PathLike, None] = "default",
                 device: Union[str, torch.device] = "cpu", **kwargs: Any) -> nn.Module:
     """Build a registered model in eval mode; ``kwargs`` go to its factory (e.g. ``num_classes``).
 
+    ``name`` may also be a spec for a network this project did not design (``torchvision:NAME``,
+    ``package.module:factory``; see ``realtime.models.external``): ``weights`` is then a state-dict path,
+    or ``"default"``/``None`` for the factory's own initialisation.
     ``weights``: ``"default"`` loads the shipped CamVid weights (error if they are missing),
     ``None`` keeps the random initialisation, anything else is a checkpoint path. Detectors get
     CamVid's four "things" as ``class_names`` unless given; ``fcos_ddrnet``'s trunk is left at random
     init when full weights replace it anyway (``trunk_weights``).
     """
+    if isinstance(weights, str) and weights.lower() == "none":    # the CLIs' spelling of random init
+        weights = None
+    if is_external(name):      # torchvision:NAME or package.module:factory (realtime.models.external)
+        model = build_external(name, DETECTION_CLASSES)
+        if weights not in (None, "default"):     # "default": as the factory made it (nothing is shipped)
+            load_weights(model, resolve_weights(weights, Path(weights), f"'{name}'", ""))
+        return model.to(device).eval()
     entry = MODELS.entry(name)
     if entry.meta["task"] == "detection":
         kwargs.setdefault("class_names", DETECTION_CLASSES)
@@ -81,11 +110,25 @@ def resolve_weights(weights: Union[str, os.PathLike], default: Path, what: str, 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike]) -> Dict:
     """Load a state dict (plain, or a training checkpoint with ``model``) safely; returns its metadata."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():      # torch's pickle-protocol notes would break the one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:   # the safe loader met Python objects: never retry it unsafely
+        raise ValueError(f"{path} is not a plain weights file: it holds Python objects besides tensors, which "
+                         "are never loaded (only weights_only checkpoints are read)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({' '.join(str(exc).split())[:160]})") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     ref = model.state_dict()
+    wrong = [k for k, v in state.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{path} does not match {type(model).__name__}: {len(wrong)} tensors have another shape, "
+                         f"e.g. {k} {tuple(state[k].shape)} where the model has {tuple(ref[k].shape)} "
+                         "(was it trained for another model?)")
     state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
