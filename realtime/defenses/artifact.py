@@ -3,11 +3,15 @@
 Tensors: ``mu/<layer>``, ``sigma/<layer>`` (per-channel clean statistics), ``roc/fpr``, ``roc/tpr``,
 ``roc/thresholds``. JSON (safetensors metadata key ``zmask``): format version, model name and
 fingerprint, layers, SPR settings, the 8 fusion scalars, lambda0, ROC summary, layer ranking and
-provenance. Loading checks the model fingerprint so a calibration is never applied to another model.
+provenance. Loading checks the header's shape and values (sizes, finite thresholds, finite per-channel
+statistics with sigma > 0) and, given the model, its fingerprint and the statistics' shape against the
+channels each tapped layer really has, so a broken or foreign calibration is refused at load time
+(``ValueError``, one line) instead of failing inside the defense on every frame.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -19,9 +23,12 @@ from safetensors.torch import save_file
 from .fusion import FusionBlock
 from .spr import SPRConfig
 from .zmask import ChannelStats, ZMask, ZMaskConfig
+from realtime.core.taps import ActivationTaps
 from realtime.models import fingerprint
 
 FORMAT = "zmask-calibration/1"
+MAX_SIZE = 16384          # pixels a side: no real input is larger (the live pipeline allows up to 4K)
+PROBE_SIZE = (64, 64)     # the forward pass that counts each tapped layer's channels
 
 
 class CalibrationMismatchError(ValueError):
@@ -46,6 +53,26 @@ class Calibration:
             raise CalibrationMismatchError(
                 f"calibration was made for model '{self.model_name}' (fingerprint {self.fingerprint}); "
                 f"this model '{name}' has fingerprint {fp}. Re-run: python -m calibration.fit --model {name}")
+
+    def check_layers(self, model: torch.nn.Module) -> None:
+        """Every tapped layer exists in ``model`` and its mu/sigma have one entry per channel it outputs."""
+        try:
+            taps = ActivationTaps(model, self.config.layers)
+        except KeyError as exc:
+            raise CalibrationMismatchError(f"calibration layers do not exist in this model: "
+                                           f"{' '.join(str(exc).split())[:300]}") from None
+        p = next(model.parameters(), None)
+        x = torch.rand(1, 3, *PROBE_SIZE, device=p.device if p is not None else "cpu")
+        try:
+            with torch.inference_mode():
+                _, maps = taps(x)
+        finally:
+            taps.remove()
+        bad = [f"{n}: {tuple(self.stats.mu[n].shape)} for {maps[n].shape[1]} channels"
+               for n in self.config.layers if self.stats.mu[n].shape != (maps[n].shape[1],)]
+        if bad:
+            raise CalibrationMismatchError("calibration statistics do not fit the model's layers (mu/sigma need one "
+                                           "value per channel): " + "; ".join(bad[:4]))
 
     def build_zmask(self, model: torch.nn.Module, check: bool = True, taps: Optional[Any] = None,
                     **options: Any) -> ZMask:
@@ -96,22 +123,72 @@ def load_calibration(path: str | Path, model: Optional[torch.nn.Module] = None) 
         raise ValueError(f"{path} is not a readable calibration artifact: {exc}") from exc
     if "zmask" not in meta:
         raise ValueError(f"{path} has no Z-Mask header; not a calibration artifact")
-    h = json.loads(meta["zmask"])
+    try:
+        h = json.loads(meta["zmask"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: the calibration header is not valid JSON ({exc})") from None
+    if not isinstance(h, dict):
+        raise ValueError(f"{path}: the calibration header is {type(h).__name__}, not a JSON object")
     if h.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported calibration format {h.get('format')!r} (expected {FORMAT})")
-    spr = SPRConfig(work_size=tuple(h["spr"]["work_size"]),
-                    kernels_shallow=tuple(tuple(k) for k in h["spr"]["kernels_shallow"]),
-                    kernels_deep=tuple(tuple(k) for k in h["spr"]["kernels_deep"]), mode=h["spr"]["mode"])
-    cfg = ZMaskConfig(shallow=tuple(h["shallow"]), deep=tuple(h["deep"]), spr=spr, lambda0=float(h["lambda0"]),
-                      mask_threshold=float(h["mask_threshold"]))
-    stats = ChannelStats({k: tensors[f"mu/{k}"] for k in h["stats_layers"]},
-                         {k: tensors[f"sigma/{k}"] for k in h["stats_layers"]})
-    roc = dict(h["roc"])
+    try:
+        cal = _from_header(h, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise ValueError(f"{path}: malformed calibration: {what}") from None
+    if model is not None:
+        cal.check_model(model)
+        cal.check_layers(model)
+    return cal
+
+
+def _size(value: Any, what: str, limit: int = MAX_SIZE) -> tuple:
+    """Two ints in [1, limit] (a JSON list [h, w]), else ValueError."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{what} must be two integers [h, w], got {value!r}")
+    if not all(1 <= v <= limit for v in value):
+        raise ValueError(f"{what} {list(value)} is out of range (1..{limit} pixels a side)")
+    return tuple(value)
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _from_header(h: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Calibration:
+    sp = h["spr"]
+    spr = SPRConfig(work_size=_size(sp["work_size"], "spr.work_size", 4096),
+                    kernels_shallow=tuple(tuple(k) for k in sp["kernels_shallow"]),
+                    kernels_deep=tuple(tuple(k) for k in sp["kernels_deep"]), mode=sp["mode"])
+    cfg = ZMaskConfig(shallow=tuple(h["shallow"]), deep=tuple(h["deep"]), spr=spr,
+                      lambda0=_finite(h["lambda0"], "lambda0"),
+                      mask_threshold=_finite(h["mask_threshold"], "mask_threshold"))
+    fusion = h["fusion"]
+    if not isinstance(fusion, dict):
+        raise ValueError(f"fusion must be an object of 8 numbers, got {fusion!r}")
+    for k, v in fusion.items():
+        _finite(v, f"fusion.{k}")
+    layers = list(h["stats_layers"])
+    missing = [n for n in cfg.layers if n not in layers]
+    if missing:
+        raise ValueError(f"no channel statistics for the tapped layers {missing}")
+    for n in layers:
+        mu, sigma = tensors[f"mu/{n}"], tensors[f"sigma/{n}"]
+        if mu.ndim != 1 or mu.shape != sigma.shape:
+            raise ValueError(f"mu/{n} {tuple(mu.shape)} and sigma/{n} {tuple(sigma.shape)} must be one value "
+                             "per channel, of the same length")
+        if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())):
+            raise ValueError(f"mu/{n} or sigma/{n} holds NaN or infinite values")
+        if not bool((sigma > 0).all()):
+            raise ValueError(f"sigma/{n} must be > 0 for every channel")
+    stats = ChannelStats({k: tensors[f"mu/{k}"] for k in layers}, {k: tensors[f"sigma/{k}"] for k in layers})
+    roc = dict(h.get("roc") or {})
     for key in ("fpr", "tpr", "thresholds"):
         if f"roc/{key}" in tensors:
             roc[key] = tensors[f"roc/{key}"].tolist()
-    cal = Calibration(model_name=h["model"], fingerprint=h["fingerprint"], input_size=tuple(h["input_size"]),
-                      config=cfg, stats=stats, fusion=h["fusion"], roc=roc, extra=h.get("extra", {}))
-    if model is not None:
-        cal.check_model(model)
-    return cal
+    return Calibration(model_name=str(h["model"]), fingerprint=str(h["fingerprint"]),
+                       input_size=_size(h["input_size"], "input_size"), config=cfg, stats=stats,
+                       fusion=fusion, roc=roc, extra=h.get("extra", {}))
