@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realtime.live.sources import (CameraSource, CamVidSource, ImageFolderSource, LatestQueue, SourceDied,
-                              SourceError, VideoSource, open_source, source_kind)
+from realtime.live.sources import (CameraSource, CamVidSource, ImageFolderSource, LatestQueue, Reconnecting,
+                              SourceDied, SourceError, SourceOptions, VideoSource, open_source, source_kind)
 from realtime.live.sources import camera as camera_mod
 
 
@@ -187,7 +187,7 @@ class _FakeCapture:
 def test_camera_source_with_a_fake_device(monkeypatch):
     monkeypatch.setattr(camera_mod.os.path, "exists", lambda p: True)
     monkeypatch.setattr(camera_mod.cv2, "VideoCapture", _FakeCapture)
-    src = open_source("camera3")
+    src = open_source("camera3", SourceOptions(reconnect=0))       # no reconnect: the unplug ends it
     assert isinstance(src, CameraSource) and src.live and src.fps == 30.0
     got = []
     with pytest.raises(SourceDied, match="camera3 stopped delivering frames after 5"):
@@ -195,6 +195,23 @@ def test_camera_source_with_a_fake_device(monkeypatch):
             got.append(f)
     assert len(got) == 5 and got[0].image[0, 0].tolist() == [0, 0, 200]       # converted to RGB
     assert all(b.timestamp >= a.timestamp for a, b in zip(got, got[1:]))
+
+
+def test_camera_reconnects_after_an_unplug(monkeypatch):
+    monkeypatch.setattr(camera_mod.os.path, "exists", lambda p: True)
+    monkeypatch.setattr(camera_mod.cv2, "VideoCapture", _FakeCapture)
+    src = open_source("camera3")                                      # live: reconnects by default
+    assert isinstance(src, Reconnecting) and src.live
+    got = []
+    for f in src:
+        got.append(f)
+        if len(got) == 8:
+            break
+    events = src.drain_events()
+    src.close()
+    assert [f.index for f in got] == list(range(8))                  # gap-free across the reconnect
+    assert len(events) == 1 and events[0]["ok"] and events[0]["frame"] == 5 and events[0]["gap_s"] >= 0.4
+    assert got[5].timestamp >= got[4].timestamp + 0.4                 # the outage shows in the timestamps
 
 
 def test_missing_camera():

@@ -19,6 +19,7 @@ from .base import (BlockingQueue, Frame, LatestQueue, Source, SourceDied, Source
 from .camera import CameraSource
 from .camvid import CamVidSource
 from .images import IMAGE_EXTS, ImageFolderSource, is_glob
+from .reconnect import DEFAULT_ATTEMPTS, Reconnecting
 from .video import VideoSource, is_url
 
 _CAMERA = re.compile(r"(?:camera|cam)?(\d+)")
@@ -35,6 +36,7 @@ class SourceOptions:
     patch_start: Optional[int] = None      # demo: first patched frame (default: DemoConfig's)
     patch_frames: Optional[int] = None     # demo: patched frames, 0 = to the end
     seed: int = 0
+    reconnect: Optional[int] = None        # live sources: reconnect attempts per drop (None: the default, 5)
 
 
 def source_kind(spec: str) -> str:
@@ -68,7 +70,8 @@ def open_source(spec: str, opts: SourceOptions = SourceOptions()) -> Source:
             kw["patch_frames"] = opts.patch_frames if opts.patch_frames > 0 else 10 ** 9
         return DemoSource(DemoConfig(model=opts.model, patch=opts.patch, seed=opts.seed, **kw), opts.data)
     if kind == "camera":
-        return CameraSource(int(_CAMERA.fullmatch(spec.lower()).group(1)))
+        index = int(_CAMERA.fullmatch(spec.lower()).group(1))
+        return _reconnecting(CameraSource(index), lambda: CameraSource(index), opts.reconnect)
     if kind == "camvid":
         return CamVidSource(spec, opts.data)
     if kind == "images":
@@ -76,9 +79,17 @@ def open_source(spec: str, opts: SourceOptions = SourceOptions()) -> Source:
     if kind == "video" and not Path(spec).exists():
         raise SourceError(f"source '{spec}' not found: expected cameraN, a video file, an image folder or "
                           "glob, an rtsp:// or http:// URL, camvid:SEQUENCE, or demo")
-    return VideoSource(spec, opts.timeout)
+    if kind == "url":
+        return _reconnecting(VideoSource(spec, opts.timeout), lambda: VideoSource(spec, opts.timeout), opts.reconnect)
+    return VideoSource(spec, opts.timeout)          # a file never reconnects
+
+
+def _reconnecting(first: Source, reopen, attempts: Optional[int]) -> Source:
+    """A live source wrapped to reconnect with back-off (``attempts`` 0: left as it is)."""
+    n = DEFAULT_ATTEMPTS if attempts is None else attempts
+    return Reconnecting(first, reopen, n) if n > 0 else first
 
 
 __all__ = ["BlockingQueue", "CameraSource", "CamVidSource", "Frame", "ImageFolderSource", "LatestQueue",
-           "Source", "SourceDied", "SourceError", "SourceOptions", "VideoSource", "check_rgb", "make_queue",
+           "Reconnecting", "Source", "SourceDied", "SourceError", "SourceOptions", "VideoSource", "check_rgb", "make_queue",
            "open_source", "source_kind"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import numpy as np
 
@@ -48,11 +48,53 @@ class Source:
     def close(self) -> None:
         """Release resources; safe to call more than once."""
 
+    def interrupt(self) -> None:
+        """Ask an iterator blocked on another thread (a reconnect back-off) to end soon; thread-safe."""
+
+    def drain_events(self) -> List[Dict[str, Any]]:
+        """Source events since the last call (e.g. reconnects), as event records; thread-safe."""
+        return []
+
     def __enter__(self) -> "Source":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+T = TypeVar("T")
+
+
+def call_interruptibly(fn: Callable[[], T], on_abandon: Callable[[T], None] = lambda _: None) -> T:
+    """``fn()`` on a helper thread while the main thread stays responsive to Ctrl-C / SIGTERM.
+
+    A blocking network open (FFmpeg) does not return to Python until its own timeout; run this way,
+    a stop signal interrupts the wait at once: the open is abandoned, and whatever it still returns
+    is handed to ``on_abandon`` (to close it). Off the main thread ``fn`` simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: Dict[str, Any] = {}
+    abandoned = threading.Event()
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller below
+            box["error"] = exc
+        if abandoned.is_set() and "value" in box:
+            on_abandon(box["value"])
+
+    t = threading.Thread(target=work, name="source-open", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.05)
+    except BaseException:
+        abandoned.set()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def check_rgb(image: np.ndarray, where: str) -> np.ndarray:

@@ -1,18 +1,22 @@
 """Video files and network streams (RTSP/HTTP/...) decoded with PyAV, frames stamped with their pts.
 
-Files are replayed frame-exactly. A file whose header promises more frames than could be decoded is
+Files are replayed frame-exactly. A file whose header promises more frames than could be decoded (MP4)
+or a longer duration than the decoded frames cover (MKV/WebM, whose headers carry no frame count) is
 reported as truncated (after the frames that did decode were delivered), so a corrupt tail never
 passes silently. Network URLs are live: open/read timeouts make an unreachable or stalled stream a
-clear error instead of a hang.
+clear error instead of a hang, and the open itself gives way to Ctrl-C at once. A live stream that
+ends without a known length (MJPEG, MPEG-TS, RTSP) has dropped (``SourceDied``: the reconnect wrapper
+takes it from there); an HTTP file that arrives whole ends normally.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import av
 
-from .base import Frame, Source, SourceDied, SourceError, check_rgb
+from .base import Frame, Source, SourceDied, SourceError, call_interruptibly, check_rgb
 
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -46,9 +50,15 @@ class VideoSource(Source):
                 raise SourceError(f"{spec} is a directory, not a video file")
             if p.stat().st_size == 0:
                 raise SourceError(f"video file {spec} is empty (0 bytes)")
+        def open_it() -> "av.container.InputContainer":
+            return av.open(spec, mode="r", options=options, timeout=(timeout, timeout))
+
+        t0 = time.monotonic()
         try:
-            self._container = av.open(spec, mode="r", options=options, timeout=(timeout, timeout))
+            self._container = call_interruptibly(open_it, lambda c: c.close()) if self.live else open_it()
         except av.FFmpegError as exc:
+            if self.live and time.monotonic() - t0 >= 0.9 * timeout:
+                raise SourceError(f"cannot open stream {spec}: no answer within {timeout:g} s (--timeout)") from None
             what = "stream" if self.live else "video file"
             hint = " (unreachable, refused or timed out)" if self.live else " (truncated or not a video?)"
             raise SourceError(f"cannot open {what} {spec}: {_reason(exc)}{hint}") from None
@@ -64,6 +74,9 @@ class VideoSource(Source):
         declared = int(self._stream.frames or 0)
         self.declared_frames = declared
         self.length = None if self.live or declared <= 0 else declared
+        dur = self._container.duration          # microseconds (AV_TIME_BASE), MKV/WebM carry it
+        start = self._container.start_time or 0
+        self.end_s = (start + dur) / 1e6 if dur and dur > 0 else None
         self._opened = True
 
     def __iter__(self) -> Iterator[Frame]:
@@ -71,6 +84,7 @@ class VideoSource(Source):
             raise SourceError(f"{self.name} is closed")
         k = 0
         t_first: Optional[float] = None
+        t = 0.0
         try:
             for frame in self._container.decode(self._stream):
                 img = check_rgb(frame.to_ndarray(format="rgb24"), f"{self.name} frame {k}")
@@ -87,10 +101,20 @@ class VideoSource(Source):
             raise SourceDied(f"{self.name} failed after {k} frames: {_reason(exc)}") from None
         if k == 0:
             raise SourceError(f"{self.name} contains no decodable video frames")
-        if self.live and not self.spec.lower().startswith(("http://", "https://")):
+        if self.declared_frames:
+            if k < self.declared_frames:
+                what = "stream" if self.live else "video"
+                raise SourceDied(f"{what} {self.name} is truncated: decoded {k} of {self.declared_frames} frames")
+            return
+        if self.end_s is not None:
+            step = 1.0 / self.fps if self.fps else 0.0
+            covered = float(t) + step                      # the last frame lasts one frame interval
+            if covered < self.end_s - max(1.5 * step, 0.02 * self.end_s):
+                raise SourceDied(f"{self.name} is truncated: decoded {k} frames covering {covered:.2f} s of the "
+                                 f"{self.end_s:.2f} s its header declares")
+            return
+        if self.live:
             raise SourceDied(f"stream {self.name} ended after {k} frames")
-        if self.declared_frames and k < self.declared_frames:
-            raise SourceDied(f"{self.name} is truncated: decoded {k} of {self.declared_frames} frames")
 
     def close(self) -> None:
         if self._opened:
