@@ -22,8 +22,16 @@ defaults: --vote 3/5 --clear 5 --mask-window 3 --dilate 16, chosen on replayed C
 alarm is on. --fail-closed: a frame whose defense errors gets no segmentation (event "unsafe": true)
 instead of the undefended output (the default, event "error" set).
 
-exit status: 0 done; 2 bad arguments, source, model or calibration; 3 the source died mid-stream
-(the output video is still complete and playable); 130 interrupted (Ctrl-C; outputs finalised).
+live sources (cameraN, rtsp://, http://): when the stream drops the run reconnects with back-off
+(0.5 s doubling to 8 s, --reconnect N attempts per drop, default 5; 0 = never); each gap is a
+"reconnect" line in the events and counted in the summary. Files and folders never reconnect.
+
+exit status: 0 done; 1 writing the outputs failed mid-run; 2 bad arguments, source, model,
+calibration or output path (all checked before the first frame); 3 the source died mid-stream, or
+a live source stayed down through every reconnect attempt (the output video is still complete and
+playable); 4 --fail-closed and the defense failed on some frames (marked unsafe); 130 SIGINT
+(Ctrl-C), 143 SIGTERM, 129 SIGHUP: stopped with the outputs finalised (playable video, valid
+events, a summary with the frame count and the reason). The input is never overwritten.
 """
 from __future__ import annotations
 
@@ -32,29 +40,34 @@ import dataclasses
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 # Before torch loads OpenMP: idle OpenMP workers must sleep, not spin, or they starve this
 # pipeline's own decode/sink threads (measured on 2 cores: a 64x96 backbone pass went from
 # ~1.5 s to ~16 ms under load). An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engines import PRECISIONS, list_engines  # noqa: E402
-from kernels.backend import BACKENDS  # noqa: E402
-from realtime.core.errors import UsageError  # noqa: E402
-from realtime.defenses.registry import list_defenses  # noqa: E402
-from realtime.live.build import RunConfig  # noqa: E402
-from realtime.live.runner import run  # noqa: E402
-from realtime.live.sources import SourceError  # noqa: E402
-from realtime.live.voting import VotingConfig  # noqa: E402
-from realtime.models import list_models  # noqa: E402
+from realtime.core import signals  # noqa: E402  (standard library only: torch is imported in main)
+
+
+def run(cfg: Any) -> Tuple[int, Dict[str, Any]]:
+    """``realtime.live.runner.run`` (imported on first use, after the stop signals are handled)."""
+    from realtime.live.runner import run as run_live
+    return run_live(cfg)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from engines import PRECISIONS, list_engines
+    from kernels.backend import BACKENDS
+    from realtime.defenses.registry import list_defenses
+    from realtime.live.voting import VotingConfig
+    from realtime.models import list_models, model_arg
+
     p = argparse.ArgumentParser(prog="python -m realtime.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="demo", help="cameraN, file, URL, folder, glob, camvid:SEQ or demo")
-    p.add_argument("--model", default="ddrnet23_slim", choices=list_models())
+    p.add_argument("--model", default="ddrnet23_slim", type=model_arg,
+                   help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--weights", default="default",
                    help="checkpoint path (default: the shipped CamVid weights; 'none': random init, for testing)")
     p.add_argument("--defense", default="zmask", choices=list_defenses(),
@@ -93,7 +106,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--patch", default=None, help="demo: patch PNG (default: the library patch for --model)")
     p.add_argument("--patch-start", type=int, default=None, help="demo: first patched frame (default 30)")
     p.add_argument("--patch-frames", type=int, default=None, help="demo: patched frames, 0 = to the end (default 55)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a network stream")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a network stream (> 0)")
+    p.add_argument("--reconnect", type=int, default=None, metavar="N",
+                   help="live sources: reconnect attempts per dropped stream, with back-off 0.5 s doubling to 8 s "
+                        "(default 5; 0 = never); files never reconnect")
     p.add_argument("--audit", action="store_true",
                    help="measurement: also analyse the unmasked frame when propagation masked it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -101,22 +117,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace) -> Any:
     """The flags as the library's ``RunConfig`` (one field per flag, same names)."""
+    from realtime.live.build import RunConfig
     return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Stop signals are handled from here on (imports included): a signal before the first frame
+    ends with one ``interrupted`` line; during the run the outputs are finalised first."""
+    with signals.handled(restore=argv is not None):     # the command line: stay quiet until the exit
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as exc:
+            sig = signals.signum_of(exc)
+            print(f"interrupted ({signals.signal_name(sig)}) before the first frame; nothing was written",
+                  file=sys.stderr)
+            return 128 + sig
+
+
+def _main(argv: Optional[List[str]]) -> int:
+    from realtime.core.errors import UsageError, one_line
+    from realtime.live.sources import SourceError
+
     args = parse_args(argv)
     try:
         code, _ = run(config_from_args(args))
         return code
     except (UsageError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted before the first frame", file=sys.stderr)
-        return 130
     except Exception as exc:  # last resort: one line, unless debugging
         if os.environ.get("REALTIME_DEBUG"):
             traceback.print_exc()

@@ -31,6 +31,18 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_IMGSZ: Tuple[int, int] = (360, 480)
 
 
+MAX_SIDE, MAX_PIXELS = 3840, 3840 * 2160      # 4K UHD, either orientation: bigger inputs exhaust memory
+
+
+def check_imgsz(hw: Tuple[int, int], what: str) -> Tuple[int, int]:
+    """``hw`` unless it is larger than the pipeline can hold (UsageError)."""
+    h, w = hw
+    if max(h, w) > MAX_SIDE or h * w > MAX_PIXELS:
+        raise UsageError(f"{what} {h}x{w} is too large: at most {MAX_SIDE} px a side and 3840x2160 pixels "
+                         "in all (the model runs on every frame at this size)")
+    return hw
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a live run is made of (``python -m realtime.run`` fills it from its flags)."""
@@ -65,6 +77,7 @@ class RunConfig:
     patch_start: Optional[int] = None
     patch_frames: Optional[int] = None
     timeout: float = 10.0
+    reconnect: Optional[int] = None           # live sources: reconnect attempts per drop (None: 5); files never
     audit: bool = False
     quiet: bool = False
 
@@ -105,8 +118,10 @@ def load_model_and_calibration(cfg: RunConfig, device: torch.device
                          f"{cfg.model}` or run with --defense none")
     try:
         return model, load_calibration(path, model)
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"--calibration {path}: {one_line(exc)}") from None
+    except (ValueError, KeyError, RuntimeError) as exc:
+        msg = one_line(exc)
+        msg = msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg
+        raise UsageError(f"--calibration {path}: {msg}") from None
 
 
 def make_engine(cfg: RunConfig, model: torch.nn.Module, layers: Tuple[str, ...], device: torch.device,
@@ -141,6 +156,8 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     model, cal = load_model_and_calibration(cfg, device)
     task = model_task(model)
     cal_size = tuple(int(v) for v in cal.input_size) if cal is not None else None
+    if pipeline.imgsz is None and cal_size is not None:
+        check_imgsz(cal_size, f"the input size of --calibration {calibration_path(cfg)}")
     imgsz = tuple(pipeline.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
     if task == "detection":
@@ -178,5 +195,5 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     return Runtime(step, {**desc, **task_desc}, imgsz)
 
 
-__all__ = ["DEFAULT_IMGSZ", "RunConfig", "Runtime", "UsageError", "build", "calibration_path",
+__all__ = ["DEFAULT_IMGSZ", "MAX_PIXELS", "MAX_SIDE", "RunConfig", "Runtime", "UsageError", "build", "calibration_path", "check_imgsz",
            "load_model_and_calibration", "make_engine", "weights_arg"]

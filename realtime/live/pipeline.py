@@ -11,7 +11,6 @@ Per-stage times are recorded for every frame (CUDA stages are synchronised to be
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import cv2
 import numpy as np
 import torch
+
+from realtime.core import signals
 
 from .sources import Frame, Source, SourceDied, SourceError, make_queue
 from .step import Step, StepResult
@@ -62,6 +63,9 @@ class RunInfo:
     source_error: Optional[str] = None
     source_died: bool = False
     sink_error: Optional[str] = None
+    signal: Optional[int] = None      # the stop signal (SIGINT, SIGTERM, SIGHUP) when interrupted
+    stopped: str = "end of source"    # why the run stopped, for the summary
+    reader_alive: bool = False        # the reader was still blocked in the source when the run ended
 
 
 def preprocess(image: np.ndarray, imgsz: Optional[Tuple[int, int]], device: torch.device,
@@ -177,7 +181,10 @@ def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepRe
         t.start()
     t_start = time.perf_counter()
     try:
-        while not should_stop():
+        while True:
+            if should_stop():
+                info.stopped = "quit requested"
+                break
             w = _get(q_pre, stop)
             if w is None:
                 break
@@ -190,29 +197,22 @@ def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepRe
             q_out.put((w, res))
             info.processed += 1
             if cfg.max_frames is not None and info.processed >= cfg.max_frames:
+                info.stopped = "max-frames reached"
                 break
-    except KeyboardInterrupt:
-        info.interrupted = True
-    previous = _ignore_sigint()
-    try:
+    except KeyboardInterrupt as exc:
+        info.interrupted, info.signal = True, signals.signum_of(exc)
+        info.stopped = signals.signal_name(info.signal)
+    with signals.deferred():          # a second signal must not cut the outputs short
         stop.set()
+        source.interrupt()
         q_out.put(None)
         sink_done.wait()
         threads[0].join(timeout=2.0)
-    finally:
-        _restore_sigint(previous)
+    info.reader_alive = threads[0].is_alive()
+    if info.source_error and not info.interrupted:
+        info.stopped = "source died" if info.source_died else "source error"
+    if info.sink_error:
+        info.stopped = "writing outputs failed"
     info.wall_s = time.perf_counter() - t_start
     info.dropped = q_in.dropped + q_pre.dropped
     return info
-
-
-def _ignore_sigint() -> Any:
-    """While the outputs are finalised a second Ctrl-C must not cut the file short."""
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return None
-
-
-def _restore_sigint(previous: Any) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGINT, previous)

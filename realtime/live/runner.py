@@ -7,25 +7,30 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+import av
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from realtime.core import signals
 from realtime.core.cli import parse_hw
 from realtime.core.devices import describe, pick_device
-from realtime.core.errors import UsageError
+from realtime.core.errors import UsageError, one_line
 
-from .build import REPO, RunConfig, build
+from .build import REPO, RunConfig, build, calibration_path, check_imgsz, weights_arg
+from .paths import check_outputs, input_paths
+from .paths import output_paths as paths_for
 from .pipeline import PipelineConfig, RunInfo, Work, run_pipeline
-from .schema import AlarmEvent, FrameEvent, RunHeader
+from .report import print_summary, run_status, write_summary
+from .schema import AlarmEvent, FrameEvent, ReconnectEvent, RunHeader
 from .sinks.boxes import box_records
 from .sinks.display import open_display
 from .sinks.events import EventWriter, RunStats, iou, mask_box
@@ -39,23 +44,61 @@ def parse_imgsz(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if text is None:
         return None
     try:
-        return parse_hw(text, minimum=32)
+        return check_imgsz(parse_hw(text, minimum=32), "--imgsz")
     except ValueError as exc:
         raise UsageError(f"--imgsz: {exc}") from None
 
 
+def _positive(value: float, flag: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a positive number of {'frames per second' if flag == '--fps' else 'seconds'}, "
+                         f"got {value}")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every argument problem found without opening anything (UsageError, exit status 2)."""
+    if cfg.max_frames is not None and cfg.max_frames < 1:
+        raise UsageError("--max-frames must be >= 1")
+    if not 0.0 <= cfg.box_threshold <= 1.0:
+        raise UsageError("--box-threshold must be in [0, 1]")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    _positive(cfg.fps, "--fps")
+    _positive(cfg.timeout, "--timeout")
+    if cfg.reconnect is not None and cfg.reconnect < 0:
+        raise UsageError(f"--reconnect must be >= 0 attempts, got {cfg.reconnect}")
+    if cfg.threshold is not None and not math.isfinite(cfg.threshold):
+        raise UsageError(f"--threshold must be a finite number, got {cfg.threshold}")
+
+
 class Outputs:
-    """The sinks: annotated video, events, summary statistics, optional window, progress display."""
+    """The sinks: annotated video, events, summary statistics, optional window, progress display.
+
+    Opening them is the last check before the first frame: an output that cannot be created or
+    written (a bad folder, a full device) is a UsageError, with whatever was opened closed again."""
 
     def __init__(self, cfg: RunConfig, source: Source, paths: Dict[str, Optional[Path]],
                  defended: bool, live: bool, total: Optional[int],
                  class_names: Optional[Sequence[str]] = None) -> None:
         fps = source.fps or cfg.fps
-        self.video = VideoWriter(paths["video"], fps=min(max(fps, 1.0), 60.0)) if paths["video"] else None
-        self.events = EventWriter(paths["events"]) if paths["events"] else None
-        if self.events is not None:
-            self.events.write(RunHeader(cfg.source, cfg.model, cfg.defense).to_dict())
+        self.video: Optional[VideoWriter] = None
+        self.events: Optional[EventWriter] = None
+        self.display = None
+        self.bar = None
+        self.source = source
+        try:
+            if paths["video"]:
+                self.video = VideoWriter(paths["video"], fps=min(max(fps, 1.0), 60.0))
+            if paths["events"]:
+                self.events = EventWriter(paths["events"])
+                self.events.write(RunHeader(cfg.source, cfg.model, cfg.defense).to_dict())
+        except (OSError, ValueError, av.FFmpegError) as exc:
+            flag = "--events" if self.video is not None or not paths["video"] else "--output"
+            self.close()
+            raise UsageError(f"{flag} {paths['events' if flag == '--events' else 'video']} cannot be written: "
+                             f"{one_line(exc)}") from None
         self.stats = RunStats()
+        self.reconnects: List[Dict[str, Any]] = []
         self.defended, self.live, self.name = defended, live, source.name
         self.display = open_display(f"realtime: {source.name}", _notice) if cfg.show else None
         show_bar = not cfg.quiet and not live
@@ -68,10 +111,19 @@ class Outputs:
         self.class_names = tuple(class_names) if class_names is not None else None
         self.box_threshold = cfg.box_threshold
 
+    def source_events(self) -> None:
+        """Record the source's reconnects (live sources) as they happen."""
+        for e in self.source.drain_events():
+            rec = ReconnectEvent(e["frame"], e["ok"], e["gap_s"], e["attempts"], e.get("error")).to_dict()
+            self.reconnects.append(rec)
+            if self.events is not None:
+                self.events.write(rec)
+
     def quit_requested(self) -> bool:
         return self.display is not None and self.display.quit_requested
 
     def handle(self, w: Work, r: StepResult) -> None:
+        self.source_events()
         t0 = time.perf_counter()
         self.done.append(t0)
         fps = (len(self.done) - 1) / (self.done[-1] - self.done[0]) if len(self.done) > 1 else 0.0
@@ -119,13 +171,29 @@ class Outputs:
                              f"dropped {self.dropped()} | alarm {'ON ' if r.alarm else 'off'}  ")
             sys.stderr.flush()
 
-    def close(self) -> None:
-        self.bar.close()
-        if self.fps_line:
-            sys.stderr.write("\n")
+    def close(self) -> Optional[str]:
+        """Finalise every sink (each one even if another fails); returns the first error, if any.
+        A video with no frames is removed rather than left unplayable."""
+        error = None
+        if self.bar is not None:
+            self.bar.close()
+            if self.fps_line:
+                sys.stderr.write("\n")
+        if hasattr(self, "reconnects"):
+            try:
+                self.source_events()            # a last failed reconnect, say
+            except Exception:  # noqa: BLE001  the events file may be what failed
+                pass
         for sink in (self.video, self.events, self.display):
-            if sink is not None:
+            if sink is None:
+                continue
+            try:
                 sink.close()
+            except Exception as exc:  # noqa: BLE001  report it, close the others
+                error = error or f"closing {type(sink).__name__}: {one_line(exc)}"
+        if self.video is not None and self.video.frames == 0:
+            self.video.path.unlink(missing_ok=True)
+        return error
 
 
 def _resize_mask(mask: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
@@ -139,23 +207,16 @@ def _notice(msg: str) -> None:
 
 
 def output_paths(cfg: RunConfig, source_name: str) -> Dict[str, Optional[Path]]:
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name) or "run"
-    video = None if (cfg.output or "").lower() == "none" else Path(cfg.output or REPO / "runs" / "realtime" / f"{stem}.mp4")
-    base = video if video is not None else REPO / "runs" / "realtime" / f"{stem}.mp4"
-    events = Path(cfg.events) if cfg.events else base.with_suffix(".events.jsonl")
-    summary = Path(cfg.summary) if cfg.summary else base.with_suffix(".summary.json")
-    return {"video": video, "events": events, "summary": summary}
+    return paths_for(cfg, source_name, REPO)
 
 
 def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
-    """A whole live run: build, stream, write the outputs and the summary; returns (exit status, summary)."""
-    if cfg.max_frames is not None and cfg.max_frames < 1:
-        raise UsageError("--max-frames must be >= 1")
-    if not 0.0 <= cfg.box_threshold <= 1.0:
-        raise UsageError("--box-threshold must be in [0, 1]")
+    """A whole live run: build, stream, write the outputs and the summary; returns (exit status, summary).
+
+    Bad arguments, sources, models, calibrations and outputs raise UsageError / SourceError before the
+    first frame. A stop signal (``realtime.core.signals``) ends the run with every output finalised."""
+    check_config(cfg)
     if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise UsageError("--threads must be >= 1")
         torch.set_num_threads(cfg.threads)
     try:
         voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
@@ -165,83 +226,66 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
         raise UsageError(str(exc)) from None
     pcfg = PipelineConfig(voting=voting, fail_closed=cfg.fail_closed, max_frames=cfg.max_frames,
                           realtime=cfg.realtime, audit=cfg.audit, imgsz=parse_imgsz(cfg.imgsz))
+    seen = signals.mark()
     source = open_source(cfg.source, SourceOptions(data=cfg.data, image_fps=cfg.fps, timeout=cfg.timeout,
-                                                   model=cfg.model, patch=cfg.patch,
+                                                   model=cfg.model, patch=cfg.patch, reconnect=cfg.reconnect,
                                                    patch_start=cfg.patch_start, patch_frames=cfg.patch_frames))
+    info = RunInfo()
     try:
+        paths = output_paths(cfg, source.name)
+        cal = calibration_path(cfg) if cfg.defense == "zmask" else None
+        check_outputs(paths, input_paths(cfg, source, weights_arg(cfg.weights) if cfg.weights != "default"
+                                         else None, cal))
         rt = build(cfg, device, pcfg)
         desc, imgsz = rt.description, rt.imgsz
         pcfg = dataclasses.replace(pcfg, imgsz=imgsz)
         live = source.live or cfg.realtime
         total = min(x for x in (source.length, cfg.max_frames) if x is not None) \
             if (source.length or cfg.max_frames) else None
-        paths = output_paths(cfg, source.name)
+        head = {"source": cfg.source, "kind": source_kind(cfg.source),
+                **({"source_info": source.info} if getattr(source, "info", None) else {}),   # demo: which frames
+                "model": cfg.model, **desc,
+                "imgsz": list(imgsz), "device": describe(device)}
         out = Outputs(cfg, source, paths, cfg.defense != "none", live, total, desc.get("class_names"))
-        info = RunInfo()
         out.dropped = lambda: info.dropped
         try:
+            try:   # written now so an unwritable summary is found before the first frame
+                write_summary(paths["summary"], {**head, "status": "running", "frames": 0})
+            except OSError as exc:
+                raise UsageError(f"--summary {paths['summary']} cannot be written: {one_line(exc)}") from None
             run_pipeline(source, rt.step, out.handle, pcfg, device, out.quit_requested, info)
+        except KeyboardInterrupt as exc:          # a signal between opening the outputs and the first frame
+            info.interrupted, info.signal = True, signals.signum_of(exc)
+            info.stopped = signals.signal_name(info.signal)
         finally:
-            out.close()
+            with signals.deferred():
+                close_error = out.close()
+        info.sink_error = info.sink_error or close_error
     finally:
-        source.close()
-    summary: Dict[str, Any] = {"source": cfg.source, "kind": source_kind(cfg.source),
-                               **({"source_info": source.info} if getattr(source, "info", None) else {}),
-                               "model": cfg.model,
-                               **desc, "imgsz": list(imgsz), "device": describe(device),
-                               **out.stats.summary(info.wall_s, info.read, info.dropped),
+        with signals.deferred():
+            if not info.reader_alive:            # never close a container another thread is still reading
+                source.close()
+    late = signals.since(seen)
+    if late and not info.interrupted:            # a signal while the outputs were being finalised
+        info.interrupted, info.signal, info.stopped = True, late[0], signals.signal_name(late[0])
+    summary: Dict[str, Any] = {**head, **out.stats.summary(info.wall_s, info.read, info.dropped),
                                **({"box_threshold": cfg.box_threshold} if "task" in desc else {}),
-                               "interrupted": info.interrupted, "source_error": info.source_error,
+                               "fail_closed": cfg.fail_closed, "stopped": info.stopped,
+                               "interrupted": info.interrupted,
+                               "signal": signals.signal_name(info.signal) if info.signal else None,
+                               "source_error": info.source_error, "reconnects": out.reconnects,
                                "outputs": {k: str(v) if v else None for k, v in paths.items()}}
+    summary["status"] = "interrupted" if info.interrupted else ("failed" if info.source_error or info.sink_error
+                                                                  else "complete")
     if paths["video"] is not None and out.video is not None and out.video.frames == 0:
-        paths["video"].unlink(missing_ok=True)
         summary["outputs"]["video"] = None
-    paths["summary"].parent.mkdir(parents=True, exist_ok=True)
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
-    if info.sink_error:
-        print(f"error: writing outputs failed: {info.sink_error}", file=sys.stderr)
-        return 1, summary
-    if info.source_error:
-        died = info.source_died and summary["frames"] > 0
-        where = f"; the {summary['frames']} frames processed are saved" if died else ""
-        print(f"error: {info.source_error}{where}", file=sys.stderr)
-        return (3 if died else 2), summary
-    if info.interrupted:
-        print(f"interrupted: outputs finalised after {summary['frames']} frames", file=sys.stderr)
-        return 130, summary
-    return 0, summary
+    with signals.deferred():
+        try:
+            write_summary(paths["summary"], summary)
+        except OSError as exc:
+            info.sink_error = info.sink_error or f"--summary {paths['summary']}: {one_line(exc)}"
+        print_summary(summary)
+    return run_status(info, summary, cfg.fail_closed), summary
 
 
-def print_summary(s: Dict[str, Any]) -> None:
-    """A few human-readable lines; the full summary is in the JSON file."""
-    lat = s.get("latency_ms", {})
-    e2e = lat.get("end_to_end", {})
-    print(f"summary: {s['frames']} frames (read {s['read']}, dropped {s['dropped']}) in {s['wall_s']} s, "
-          f"{s['fps']} FPS; alarms raised {s['alarms']}, alarm rate {s['alarm_rate']}, "
-          f"second passes {s['second_passes']}, carried by propagation {s['carried_frames']}")
-    if e2e:
-        parts = [f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in lat.items() if k in
-                 ("end_to_end", "compute", "backbone", "defense", "second_pass")]
-        print("latency ms p50/p95/p99: " + "; ".join(parts))
-    g = s.get("ground_truth")
-    if g and g.get("patched_frames"):
-        head = g.get("clean_before_patch", {})
-        audit = (f", Z-Mask alone on the unmasked frames {g['unmasked_detection_rate']:.0%}"
-                 if "unmasked_detection_rate" in g else "")
-        print(f"ground truth: {g['patched_frames']} patched frames: flagged {g['detection_rate']:.0%}, masked "
-              f"(flagged or carried by propagation) {g['defended_rate']:.0%}{audit}; alarm on "
-              f"{g['alarm_rate_patched']:.0%}, frames-to-alarm {g['frames_to_alarm']}; mask IoU "
-              f"{g['mask_iou_mean']:.3f} (pooled {g['mask_iou_pooled']}); clean frames before the patch "
-              f"{head.get('frames', 0)} with {head.get('alarm_frames', 0)} alarm frames")
-    elif g:
-        head = g.get("clean_before_patch", {})
-        print(f"ground truth: clean sequence, {head.get('alarms_raised', 0)} alarms raised on "
-              f"{head.get('frames', 0)} frames, {head.get('flagged_frames', 0)} frames flagged")
-    if s.get("source_info", {}).get("note"):
-        print(f"source: {s['source_info']['note']}")
-    outs = ", ".join(v for v in s["outputs"].values() if v)
-    print(f"wrote {outs}")
-
-
-__all__ = ["Outputs", "output_paths", "print_summary", "run"]
+__all__ = ["Outputs", "check_config", "output_paths", "print_summary", "run"]

@@ -1,7 +1,8 @@
 """The typed, versioned schema of the live pipeline's JSON-lines events.
 
 An events file starts with one ``RunHeader`` line (``"type": "run"``, ``"schema": SCHEMA``), then one
-``FrameEvent`` per processed frame and one ``AlarmEvent`` per alarm transition. Consumers should
+``FrameEvent`` per processed frame, one ``AlarmEvent`` per alarm transition and, for live sources,
+one ``ReconnectEvent`` per dropped connection. Consumers should
 check ``schema``; fields are only ever added within a version, never renamed or removed.
 """
 from __future__ import annotations
@@ -77,4 +78,20 @@ class AlarmEvent:
         return {"type": self.type, "state": self.state, "frame": self.frame, "timestamp": self.timestamp}
 
 
-__all__ = ["AlarmEvent", "FrameEvent", "RunHeader", "SCHEMA"]
+@dataclass
+class ReconnectEvent:
+    """A live source dropped before ``frame`` and came back (``ok``) after ``gap_s`` s and ``attempts``
+    tries, or did not (``ok`` false: the run ends there). ``error`` is why it dropped."""
+    frame: int
+    ok: bool
+    gap_s: float
+    attempts: int
+    error: Optional[str]
+    type: str = "reconnect"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"type": self.type, "frame": self.frame, "ok": self.ok, "gap_s": self.gap_s,
+                "attempts": self.attempts, "error": self.error}
+
+
+__all__ = ["AlarmEvent", "FrameEvent", "ReconnectEvent", "RunHeader", "SCHEMA"]

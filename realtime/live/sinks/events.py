@@ -11,6 +11,7 @@ frames-to-alarm and patch-mask IoU.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,6 +36,22 @@ def iou(a: Optional[np.ndarray], b: np.ndarray) -> Dict[str, int]:
     return {"inter": int((a & b).sum()), "union": int((a | b).sum())}
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON (never ``NaN``): non-finite numbers become null."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
 class EventWriter:
     """Append JSON lines to ``path`` (created with its parent folder; truncated at open)."""
 
@@ -45,7 +62,7 @@ class EventWriter:
         self.lines = 0
 
     def write(self, record: Dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.write(dumps(record, separators=(",", ":")) + "\n")
         self._f.flush()
         self.lines += 1
 
@@ -86,6 +103,7 @@ class RunStats:
             "carried_frames": sum(1 for x in r if x.get("carried")),
             "unsafe_frames": sum(1 for x in r if x.get("unsafe")),
             "defense_errors": sum(1 for x in r if x.get("error")),
+            "defense_error": next((x["error"] for x in r if x.get("error")), None),   # the first one
         }
         audited = [x for x in r if x.get("propagated") and x.get("raw_flagged") is not None]
         if audited:
