@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from realtime import compat
+from realtime.core import compat
 from realtime.models.layersets import LAYER_SETS, PAPER_SETS, layer_spec_for
 from realtime.core.box_metrics import coco_map
 from realtime.models.registry import build_model, list_models
