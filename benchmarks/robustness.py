@@ -53,6 +53,8 @@ class RobustnessConfig:
     model: str
     data: Optional[str] = None
     split: str = "val"
+    weights: Optional[str] = "default"          # the model's weights (a path for torchvision:/factory specs)
+    calibration: Optional[str] = None           # Z-Mask artifact (default calibration/shipped/<model>.safetensors)
     defenses: Optional[List[str]] = None       # None: every registered defense
     conditions: Optional[List[str]] = None     # None: every condition in the library
     sweep_defenses: Optional[List[str]] = None  # run the beta / defense-aware sweeps only for these (None: all)
@@ -157,7 +159,7 @@ def run(cfg: RobustnessConfig) -> Dict:
     if unknown:
         raise KeyError(f"unknown defense(s) {', '.join(unknown)}; available: {', '.join(known)}")
     dev = pick_device(cfg.device)
-    model = build_model(cfg.model, device=dev).eval()
+    model = build_model(cfg.model, weights=cfg.weights, device=dev).eval()
     fp = fingerprint(model)
     conds = resolve_conditions(cfg.model, cfg.conditions, fp, Path(cfg.library))
     ds = CamVid(root, cfg.split)
@@ -167,13 +169,15 @@ def run(cfg: RobustnessConfig) -> Dict:
     settings = CellSettings(cfg.model, fp, cfg.split, n, cfg.seed, cfg.capture, cfg.batch, str(dev), cfg.every)
     eot_l = next((c for c in conds if c.name == "eot_L"), None)
     l_hw = tuple(eot_l.patch.shape[1:]) if eot_l is not None else patch_size_for("L", tuple(images.shape[-2:]))
-    partial = Path(cfg.out_dir) / "partial" / f"{model_slug(cfg.model)}_{cfg.split}"
+    cal_tag = f"_{Path(cfg.calibration).stem}" if cfg.calibration else ""     # resumed cells never mix artifacts
+    partial = Path(cfg.out_dir) / "partial" / f"{model_slug(cfg.model)}_{cfg.split}{cal_tag}"
     results: Dict[str, Dict] = {}
     skipped: Dict[str, str] = {}
     for name in tqdm(names, desc="defenses", unit="defense", disable=not cfg.progress):
         with isolated_hooks(model):
             try:
-                defense = make_defense(name, DefenseContext(model, cfg.model, device=dev, data=str(root)))
+                defense = make_defense(name, DefenseContext(model, cfg.model, device=dev, data=str(root),
+                                                            calibration=cfg.calibration))
             except (FileNotFoundError, RuntimeError) as exc:
                 if explicit:
                     raise
@@ -246,15 +250,19 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: Path, example_conditions: 
 def parse_args(argv: Optional[List[str]] = None) -> RobustnessConfig:
     p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--model", required=True,
+                   help=f"one of: {', '.join(list_models())}, or torchvision:NAME / package.module:factory")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="default: the model's task; detection runs benchmarks.robustness_detection (its own options)")
+    p.add_argument("--weights", default="default", help="model weights (a state-dict path for external specs)")
+    p.add_argument("--calibration", default=None, help="Z-Mask artifact (default calibration/shipped/<model>.safetensors)")
     p.add_argument("--defenses", default=None, help="comma-separated (default: every registered defense)")
     p.add_argument("--sweep-defenses", default=None,
                    help="comma-separated defenses that also run the beta / defense-aware sweeps (default: all)")
     add_run_args(p, DEFAULT_DIR, "none,random_L,eot_S,eot_M,eot_L,beta0.5_L")
     a = p.parse_args(argv)
-    return RobustnessConfig(model=a.model, data=a.data, split=a.split, defenses=csv_list(a.defenses),
+    return RobustnessConfig(model=a.model, data=a.data, split=a.split, weights=a.weights, calibration=a.calibration,
+                            defenses=csv_list(a.defenses),
                             conditions=csv_list(a.conditions), sweep_defenses=csv_list(a.sweep_defenses),
                             limit=a.limit, every=a.every, batch=a.batch, seed=a.seed,
                             capture=a.capture, max_fpr=a.max_fpr, device=a.device, library=a.library,

@@ -22,7 +22,7 @@ import torch
 from realtime.core.cli import USER_ERRORS, parse_hw, report_error
 from realtime.data import CamVid
 from realtime.core.devices import describe, pick_device
-from realtime.models import build_model, fingerprint, list_models
+from realtime.models import build_model, fingerprint, list_models, model_arg, model_task
 
 from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, load_patch_png, random_patch, save_patch_png
 from .eot import EOTConfig, craft_universal_patch
@@ -39,7 +39,7 @@ def _patch_hw(text: str) -> Tuple[int, int]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m realtime.attacks.craft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models('segmentation'))}")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models('segmentation'))}, or torchvision:NAME / package.module:factory")
     p.add_argument("--weights", default="default", help="checkpoint path, or 'default' for the shipped weights")
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--split", default="train", help="frames the patch is optimised on")
@@ -97,8 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        if args.model not in list_models('segmentation'):
-            raise KeyError(f"unknown model '{args.model}'; available: {', '.join(list_models('segmentation'))}")
+        model_arg(args.model)           # a registered name or an external spec (torchvision:NAME, pkg.mod:factory)
         if args.hw is None and args.size.upper() not in PATCH_SIZES_1024x2048:
             raise KeyError(f"unknown patch size '{args.size}'; choose from {sorted(PATCH_SIZES_1024x2048)}")
         if out.suffix.lower() != ".png":
@@ -106,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ds = CamVid(args.data, args.split)
         dev = pick_device(args.device)
         model = build_model(args.model, weights=args.weights, device=dev)
+        if model_task(model) != "segmentation":
+            raise ValueError(f"{args.model} is a detector; craft with python -m realtime.attacks.craft_detection")
     except USER_ERRORS as exc:
         return report_error(exc)
     cfg = EOTConfig(size=args.size.upper(), hw=args.hw, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

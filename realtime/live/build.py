@@ -21,7 +21,7 @@ from kernels.backend import heatmap_backend
 from realtime.core.errors import UsageError, one_line
 from realtime.defenses.artifact import Calibration, load_calibration
 from realtime.defenses.registry import DefenseContext, build_defense
-from realtime.models import build_model
+from realtime.models import build_model, model_slug
 from realtime.models.registry import model_task
 
 from .pipeline import PipelineConfig
@@ -92,7 +92,7 @@ class Runtime:
 
 def calibration_path(cfg: RunConfig) -> Path:
     """``calibration``, else the shipped artifact of ``model``."""
-    return Path(cfg.calibration) if cfg.calibration else REPO / "calibration" / "shipped" / f"{cfg.model}.safetensors"
+    return Path(cfg.calibration) if cfg.calibration else REPO / "calibration" / "shipped" / f"{model_slug(cfg.model)}.safetensors"
 
 
 def weights_arg(text: Optional[str]) -> Optional[str]:
