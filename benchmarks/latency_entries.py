@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import Entry, FrameTimer, Outcome
+from realtime.core.labels import label_map
 from realtime.defenses.base import Defense
 
 Batches = Dict[str, List[np.ndarray]]        # kind -> list of (B,H,W,3) uint8 host batches
@@ -53,7 +54,7 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 def labels(out: Any) -> np.ndarray:
     """(B,H,W) uint8 class map on the host."""
-    return first_tensor(out).argmax(1).to("cpu", torch.uint8).numpy()
+    return label_map(first_tensor(out)).to("cpu").numpy()
 
 
 def grad_mode(defense: Defense) -> ContextManager:

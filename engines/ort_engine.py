@@ -19,6 +19,7 @@ from .base import Engine
 from .config import EngineConfig, EngineError, check_device
 from .onnx_export import OnnxArtifact, export_onnx
 from .registry import register_engine
+from .threads import session_options
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -65,14 +66,10 @@ class OrtEngine(Engine):
         import onnxruntime as ort
         check_device(self.device, "onnxruntime")
         self.artifact: OnnxArtifact = export_onnx(model, self.layers, cfg, fingerprint, model_name)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if cfg.threads is not None:
-            opts.intra_op_num_threads = cfg.threads
-        # Idle ORT workers must sleep, not spin: the defense's torch ops run right after each session
-        # call on the same cores (spinning workers made Z-Mask's heatmaps ~3x slower on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._model = model             # for ``defended``: the same model as one defended graph
+        # One pool size for torch and ORT, idle ORT workers sleep (engines.threads): spinning workers
+        # made Z-Mask's torch heatmaps ~3x slower on 2 cores.
+        opts = session_options(ort, cfg.threads, self.device.type)
         providers = choose_providers(cfg, ort.get_available_providers())
         options: List[Dict[str, Any]] = [{"device_id": str(self.device.index or 0)}
                                          if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else {}
@@ -95,6 +92,13 @@ class OrtEngine(Engine):
         self.info = {"providers": used, "onnx": str(self.artifact.path), "onnx_cache_hit": self.artifact.hit,
                      "io_binding": self._binding, "intra_op_threads": cfg.threads,
                      "tap_names": dict(self.artifact.tap_names)}
+
+    def defended(self, cal: Any) -> Optional[Engine]:
+        """The Z-Mask first pass as one graph in this runtime (``ort_defended``); None off CPU / fp32."""
+        if self.device.type != "cpu" or self.cfg.precision != "fp32":
+            return None
+        from .ort_defended import DefendedOrtEngine
+        return DefendedOrtEngine(self._model, cal, self.cfg, self.fingerprint, self.model_name, self.mean_color)
 
     def _probe_shapes(self) -> List[Tuple[int, ...]]:
         """Per-output shape without the batch axis, from one run (also proves the session works)."""

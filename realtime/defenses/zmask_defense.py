@@ -92,7 +92,15 @@ def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask
         cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
     # On an engine the taps come out of the engine, and the module is left unhooked.
     # The artifact was checked against ctx.model when it was loaded: no second fingerprint.
-    zm = cal.build_zmask(ctx.model, check=False, taps=ctx.engine, **zmask_options)
+    # An engine that can run the whole first pass as one graph (``engines.ort_defended``) computes the
+    # heatmaps, score, flag and keep-mask inside it; ZMask then reads them through the engine's router.
+    taps = ctx.engine
+    defended = getattr(taps, "defended", None)
+    graph = defended(cal) if callable(defended) else None
+    if graph is not None:
+        taps = graph
+        zmask_options = {**zmask_options, "heatmap_backend": graph.zmask_backend}
+    zm = cal.build_zmask(ctx.model, check=False, taps=taps, **zmask_options)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
     return ZMaskDefense(zm.eval())

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
+from realtime.core.labels import label_map
 from realtime.core.types import StageTimer
 from realtime.defenses.base import Defense
 
@@ -68,7 +69,7 @@ def to_label(logits: Any) -> np.ndarray:
         logits = next(iter(logits.values()))
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
-    return logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
+    return label_map(logits)[0].to("cpu").numpy()
 
 
 def decode(output: Any, task: str = "segmentation") -> Dict[str, Any]:
