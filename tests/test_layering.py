@@ -40,7 +40,7 @@ def modules(repo: Path) -> Dict[str, Path]:
 def imports(name: str, path: Path, known: Dict[str, Path]) -> List[Tuple[str, int]]:
     """(imported project module, line) for every import statement, wherever it sits in the file."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         targets: List[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -106,7 +106,8 @@ def _tree_with_back_edge(tmp_path: Path) -> Path:
                                                                                "*.png", "*.safetensors", "weights"))
     shutil.copy(REPO / ".importlinter", copy / ".importlinter")
     target = copy / "realtime" / "core" / "types.py"
-    target.write_text(target.read_text() + "\n\ndef _back_edge():\n    import benchmarks.accuracy  # noqa\n")
+    target.write_text(target.read_text(encoding="utf-8") + "\n\ndef _back_edge():\n    import benchmarks.accuracy  # noqa\n",
+                      encoding="utf-8")
     return copy
 
 
@@ -122,9 +123,9 @@ def _lint_imports() -> Optional[str]:
 
 @pytest.mark.skipif(_lint_imports() is None, reason="import-linter is not installed (requirements/cpu.txt has it)")
 def test_import_linter_contract(tmp_path):
-    ok = subprocess.run([_lint_imports(), ".importlinter"], cwd=REPO, capture_output=True, text=True)
+    ok = subprocess.run([_lint_imports(), ".importlinter"], cwd=REPO, capture_output=True, encoding="utf-8")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     copy = _tree_with_back_edge(tmp_path)
-    bad = subprocess.run([_lint_imports(), ".importlinter"], cwd=copy, capture_output=True, text=True,
+    bad = subprocess.run([_lint_imports(), ".importlinter"], cwd=copy, capture_output=True, encoding="utf-8",
                          env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
     assert bad.returncode != 0 and "benchmarks" in bad.stdout, bad.stdout + bad.stderr
