@@ -22,7 +22,7 @@ The second pass is the plain graph (``PlainGraph``) run on the shielded input of
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class DefendedGraph(nn.Module):
     lambda0 and the M~ threshold are baked in (the flag and keep-mask are graph outputs)."""
 
     def __init__(self, model: nn.Module, cfg: Any, stats: Any, fusion: Dict[str, float], head: str = "labels",
-                 probe_shape: Tuple[int, int] = (64, 64)) -> None:
+                 probe_shape: Tuple[int, int] = (64, 64), conv_terms: bool = True) -> None:
         super().__init__()
         self.head = head
         self.names = output_names(head)
@@ -98,6 +98,16 @@ class DefendedGraph(nn.Module):
         self.fusion = {k: float(v) for k, v in fusion.items()}
         self.lambda0 = float(cfg.lambda0)
         self.mask_threshold = float(cfg.mask_threshold)
+        self.conv_terms = conv_terms and self.mode == "same"
+        self.ones = nn.ParameterDict()          # constant conv weights and inverse counts (frozen)
+        for lay in self.zs:
+            c = int(lay.a.shape[1])
+            for kh, kw in lay.kernels:
+                ph, pw = kh // 2, kw // 2
+                for key, shape in ((f"r{2 * ph + 1}_{c}", (c, 1, 2 * ph + 1, 1)),
+                                   (f"c{2 * pw + 1}_{c}", (c, 1, 1, 2 * pw + 1)), (f"s_{c}", (1, c, 1, 1))):
+                    self.ones[key] = nn.Parameter(torch.ones(shape), requires_grad=False)
+                self.ones[f"n{ph}_{pw}_{c}"] = nn.Parameter(self._inv_count((kh, kw), c), requires_grad=False)
 
     # ---------------------------------------------------------------- heatmaps
     def _work(self, t: torch.Tensor, lay: _Layer) -> torch.Tensor:
@@ -106,26 +116,60 @@ class DefendedGraph(nn.Module):
         same = tuple(t.shape[-2:]) == self.work
         small = t.shape[-2] * t.shape[-1] <= self.work[0] * self.work[1]
         if same:
-            return t * lay.a + lay.b
-        kw = {"align_corners": False} if interp == "bilinear" else {}
-        if small:
-            return F.interpolate(t * lay.a + lay.b, size=self.work, mode=interp, **kw)
-        return F.interpolate(t, size=self.work, mode=interp, **kw) * lay.a + lay.b
+            z = t * lay.a + lay.b
+        else:
+            kw = {"align_corners": False} if interp == "bilinear" else {}
+            if small:
+                z = F.interpolate(t * lay.a + lay.b, size=self.work, mode=interp, **kw)
+            else:
+                z = F.interpolate(t, size=self.work, mode=interp, **kw) * lay.a + lay.b
+        # A static (C, HR, WR) in the graph (a Resize to computed sizes loses it): onnxruntime then
+        # runs the pools in its blocked NCHWc layout (vectorised over channels; ~3x faster measured).
+        return z.reshape(-1, lay.a.shape[1], *self.work)
 
-    def _term(self, z: torch.Tensor, k: Tuple[int, int]) -> torch.Tensor:
+    def _term(self, z: torch.Tensor, k: Tuple[int, int], zsum: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = z.shape[1]
+        if self.mode == "same" and zsum is not None:
+            return self._term_conv(z, k, zsum)
         if self.mode == "same":
             return torch.norm(box_mean_same(z, k), p=1, dim=1, keepdim=True) * (1.0 / c)
         p = torch.norm(box_mean_demo(z, k), p=1, dim=1, keepdim=True) * (1.0 / c)
         return F.interpolate(p, size=self.work, mode="nearest")
+
+    def _term_conv(self, z: torch.Tensor, k: Tuple[int, int], zsum: torch.Tensor) -> torch.Tensor:
+        """``mean_c |box_mean_k(z_c)|`` as convolutions, exact in real arithmetic ('same' mode).
+
+        With S_c the clipped window SUM (zero padding) and n the pixel count of the clipped window
+        (the same for every channel), box_mean = S_c / n and |S| = 2 relu(S) - S, so
+        ``sum_c |S_c| = 2 sum_c relu(S_c) - box_sum(sum_c z_c)``. The sums are depthwise convolutions
+        with ones (rows, then columns with the ReLU fused), the channel sum a 1x1 convolution: a chain
+        onnxruntime keeps in its blocked NCHWc layout (no reorders per term, no strided channel
+        reduction) and TensorRT fuses. ``sum_c z_c`` is box-summed on one channel only."""
+        c = z.shape[1]
+        ph, pw = int(k[0]) // 2, int(k[1]) // 2
+        rows, cols = self.ones[f"r{2 * ph + 1}_{c}"], self.ones[f"c{2 * pw + 1}_{c}"]
+        s = F.conv2d(F.conv2d(z, rows, padding=(ph, 0), groups=c), cols, padding=(0, pw), groups=c)
+        pos = F.conv2d(F.relu(s), self.ones[f"s_{c}"])
+        lin = F.conv2d(F.conv2d(zsum, rows[:1], padding=(ph, 0)), cols[:1], padding=(0, pw))
+        return (2.0 * pos - lin) * self.ones[f"n{ph}_{pw}_{c}"]
+
+    def _inv_count(self, k: Tuple[int, int], c: int) -> torch.Tensor:
+        """(1,1,HR,WR) 1 / (C * pixels in the clipped window) for kernel k."""
+        def count(n: int, r: int) -> torch.Tensor:
+            i = torch.arange(n, dtype=torch.float64)
+            return (i + r + 1).clamp(max=n) - (i - r).clamp(min=0)
+        h, w = self.work
+        n = count(h, int(k[0]) // 2).view(-1, 1) * count(w, int(k[1]) // 2).view(1, -1)
+        return (1.0 / (c * n)).float().view(1, 1, h, w)
 
     def heatmaps(self, taps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         spr, cfg = self.cfg.spr, self.cfg
         terms: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
         for name, t, lay in zip(self.layer_names, taps, self.zs):
             z = self._work(t.float(), lay)
+            zsum = z.sum(dim=1, keepdim=True) if self.conv_terms else None
             for k in lay.kernels:
-                terms[(name, k)] = self._term(z, k)
+                terms[(name, k)] = self._term(z, k, zsum)
 
         def cascade(name: str, kernels: Sequence[Tuple[int, int]]) -> torch.Tensor:
             heat = terms[(name, tuple(kernels[0]))]
