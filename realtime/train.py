@@ -34,7 +34,7 @@ from realtime.data import IGNORE_INDEX, NUM_CLASSES, CamVid, DataNotFoundError
 from realtime.data.augment import AugmentConfig, augment_batch
 from realtime.core.devices import autocast, describe, pick_device
 from realtime.core.losses import class_weights, segmentation_loss
-from realtime.models.evaluate import evaluate
+from realtime.models.evaluate import evaluate, recompute_bn_stats
 from realtime.models import build_model, default_weights_path, fingerprint, list_models, model_arg, save_weights
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     export: Optional[str] = None                  # 'default' -> the registry's shipped-weights path
+    precise_bn: int = 0                           # >0: recompute BN statistics on this many train frames before eval
 
 
 def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
@@ -199,6 +200,10 @@ class Trainer:
         return total / self.iters_per_epoch
 
     def validate(self) -> Dict:
+        if self.cfg.precise_bn:
+            step = max(len(self.train_x) // self.cfg.precise_bn, 1)
+            recompute_bn_stats(self.model, self.train_x[::step][: self.cfg.precise_bn],
+                               self.cfg.eval_size or tuple(self.val_x.shape[-2:]), batch_size=8)
         return evaluate(self.model, self.val_x, self.val_y, batch_size=8, size=self.cfg.eval_size,
                         amp=self.cfg.amp)
 
@@ -283,6 +288,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--precise-bn", type=int, default=d.precise_bn,
+                   help="recompute BatchNorm statistics on N train frames (eval size) before each evaluation and "
+                        "the export: for models whose BN momentum is small (torchvision MobileNetV3: 0.01)")
     p.add_argument("--export", default=None, help="after training write fp16 weights here ('default' = shipped)")
     return TrainConfig(**vars(p.parse_args(argv)))
 

@@ -14,8 +14,8 @@ DATA=${REALTIME_DATA:-../shared/datasets/camvid}
 STEPS=${STEPS:-150}
 
 # 1. train (resumes from runs/lraspp/last.pt)
-[ -f "$W" ] || $PY -m realtime.train --model $M --base-scale 0.5 --crop 180x240 --batch-size 8 --epochs 24 \
-    --eval-every 6 --out runs/lraspp --export $W
+[ -f "$W" ] || $PY -m realtime.train --model $M --base-scale 0.5 --crop 180x240 --batch-size 8 --epochs 10 \
+    --eval-every 5 --precise-bn 184 --out runs/lraspp --export $W
 # 2. the test attack: universal EOT patches crafted WITH the CamVid labels (the patch library)
 for s in S M L; do
   [ -f realtime/attacks/library/${S}_eot_$s.png ] || $PY -m realtime.attacks.craft --model $M --weights $W \

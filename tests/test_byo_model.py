@@ -115,3 +115,15 @@ def test_unlabeled_calibration_then_a_defended_run(tmp_path, capsys):
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert rc == 0 and summary["frames"] == 5 and summary["defense"] == "zmask" and summary["defense_errors"] == 0
     assert summary["calibration_model"] == TV
+
+
+def test_precise_bn_recomputes_running_statistics():
+    from realtime.models.evaluate import recompute_bn_stats
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01)).eval()
+    images = torch.randint(0, 256, (6, 3, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert recompute_bn_stats(net, images, batch_size=6) == 1
+    x = images.float() / 255
+    bn = net[0]
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-6)
+    assert bn.momentum == 0.01 and not net.training                   # settings restored
