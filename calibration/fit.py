@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--craft-steps", type=int, default=200,
                    help="--frames: EOT steps per patch crafted against the model's own predictions (0: none)")
     p.add_argument("--craft-sizes", default="S,M,L", help="--frames: patch sizes to craft")
+    p.add_argument("--craft-batch", type=int, default=4, help="--frames: frames per crafting step")
     p.add_argument("--time-budget", type=float, default=None, help="--frames: seconds for all the crafting")
     p.add_argument("--max-fpr", type=float, default=0.01)
     p.add_argument("--mask-threshold", default="0.5",
@@ -127,7 +128,7 @@ def footage_sources(args: argparse.Namespace, model: torch.nn.Module, images: to
     labels = pseudo_labels(model, images, args.batch_size)
     sizes = [s.strip().upper() for s in args.craft_sizes.split(",") if s.strip()]
     crafted = craft_patches(model, images, labels, sizes, args.craft_steps, dev, seed=args.seed,
-                            time_budget=args.time_budget)
+                            time_budget=args.time_budget, batch_size=args.craft_batch)
     sources = make_sources(hw, [(n, p) for n, p, _s in crafted], seed=args.seed, task=task)
     return sources, [{"name": n, "hw": list(p.shape[1:]), "steps": s} for n, p, s in crafted]
 

@@ -11,7 +11,7 @@ M=torchvision:lraspp_mobilenet_v3_large
 W=realtime/models/weights/lraspp_mobilenet_v3_large_camvid.pt
 S=torchvision-lraspp_mobilenet_v3_large           # the file-name slug of $M (realtime.models.model_slug)
 DATA=${REALTIME_DATA:-../shared/datasets/camvid}
-STEPS=${STEPS:-150}
+STEPS=${STEPS:-100}
 
 # 1. train (resumes from runs/lraspp/last.pt)
 [ -f "$W" ] || $PY -m realtime.train --model $M --base-scale 0.5 --crop 180x240 --batch-size 8 --epochs 10 \
@@ -19,14 +19,14 @@ STEPS=${STEPS:-150}
 # 2. the test attack: universal EOT patches crafted WITH the CamVid labels (the patch library)
 for s in S M L; do
   [ -f realtime/attacks/library/${S}_eot_$s.png ] || $PY -m realtime.attacks.craft --model $M --weights $W \
-      --size $s --steps $STEPS --out realtime/attacks/library/${S}_eot_$s.png --quiet
+      --size $s --steps $STEPS --batch-size 4 --out realtime/attacks/library/${S}_eot_$s.png --quiet
 done
 # 3a. calibration with labels: CamVid train frames + the library patches (noise + EOT + half contrast)
 $PY -m calibration.fit --model $M --weights $W --out calibration/shipped/$S.safetensors \
     --report-dir benchmarks/results/calibration/$S
 # 3b. calibration from unlabeled footage: the same frames as a video, patches crafted on pseudo-labels
 $PY scripts/frames_to_video.py "$DATA/train" runs/footage_train.mp4
-$PY -m calibration.fit --model $M --weights $W --frames runs/footage_train.mp4 --craft-steps $STEPS \
+$PY -m calibration.fit --model $M --weights $W --frames runs/footage_train.mp4 --craft-steps $STEPS --time-budget 600 \
     --out calibration/shipped/${S}_footage.safetensors --report-dir benchmarks/results/calibration/${S}_footage
 # 4. both on val against the labelled EOT S/M/L patches
 for cal in $S ${S}_footage; do
