@@ -107,7 +107,7 @@ class TemporalStream:
         step_ms = (time.perf_counter() - t0) * 1000.0
         if res.error is not None:
             raise RuntimeError(f"temporal path failed: {res.error}")
-        for stage, ms in res.stages.items():
+        for stage, ms in res.resolve_stages().items():
             timer.add(TEMPORAL_STAGES.get(stage, stage), ms)
         # what the pipeline does not time itself: building the propagated mask (ring union + dilation),
         # applying it before the pass, and input validation

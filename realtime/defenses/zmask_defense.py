@@ -43,6 +43,7 @@ class ZMaskDefense(Defense):
     masks = True
     flags = True
     accepts_prior = True
+    second_pass_flagged_only = True     # the second pass re-runs the flagged frames of a batch only
 
     def __init__(self, zm: ZMask) -> None:
         super().__init__(getattr(zm.taps, "model", zm))

@@ -6,7 +6,8 @@ through its own stream with pinned memory, so the copy overlaps the previous fra
 calling thread runs the model and the defense, and a sink thread renders/encodes/logs. Queues
 between them are bounded: for live sources (cameras, streams, ``--realtime`` replays) they keep only
 the newest frame and count drops; for replays they block, so every frame is processed exactly once.
-Per-stage times are recorded for every frame (CUDA stages are synchronised to be measurable).
+Per-stage times are recorded for every frame (on CUDA with timing events, read on the sink thread:
+the compute thread never synchronises the device at a stage boundary).
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepRe
                 break
             if info.sink_error is None:
                 try:
+                    item[1].resolve_stages()      # CUDA stage events: read here, off the compute thread
                     on_result(*item)
                 except Exception as exc:  # keep draining so the compute thread never blocks
                     info.sink_error = f"{type(exc).__name__}: {exc}"

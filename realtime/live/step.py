@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Protocol
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from realtime.core.labels import label_map
 from realtime.core.types import StageTimer
 from realtime.defenses.base import Defense
 
-from .clock import Clock
+from .clock import Clock, Timings
 from .sinks.boxes import Boxes, to_boxes
 from .voting import TemporalVoter, VotingConfig
 
@@ -55,6 +55,14 @@ class StepResult:
     error: Optional[str] = None
     stages: Dict[str, float] = field(default_factory=dict)
     boxes: Optional[Boxes] = None
+    timings: Optional[Timings] = None     # CUDA: stage events still to be read (``resolve_stages``)
+
+    def resolve_stages(self) -> Dict[str, float]:
+        """``stages`` with the pending CUDA stage spans read in (off the compute thread in the pipeline)."""
+        if self.timings is not None:
+            self.stages = {**self.stages, **self.timings.result()}
+            self.timings = None
+        return self.stages
 
 
 class Step(Protocol):
@@ -62,14 +70,40 @@ class Step(Protocol):
 
     def step(self, x: torch.Tensor) -> StepResult: ...
 
+    def step_batch(self, x: torch.Tensor, voters: Sequence[TemporalVoter]) -> List[StepResult]: ...
+
+    def new_voter(self) -> TemporalVoter: ...
+
+
+def _rows(output: Any, n: int) -> List[Any]:
+    """A batched model output split into ``n`` single-frame outputs of the same form."""
+    if n == 1:
+        return [output]
+    if isinstance(output, torch.Tensor):
+        return [output[i:i + 1] for i in range(n)]
+    if isinstance(output, dict):
+        parts = {k: _rows(v, n) for k, v in output.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    if isinstance(output, (list, tuple)) and len(output) == n and all(isinstance(o, dict) for o in output):
+        return [[o] for o in output]             # a detector: one dict per image
+    if isinstance(output, (list, tuple)):
+        parts = [_rows(v, n) for v in output]
+        return [type(output)(p[i] for p in parts) for i in range(n)]
+    raise TypeError(f"cannot split a model output of type {type(output).__name__} by frame")
+
 
 def to_label(logits: Any) -> np.ndarray:
     """HxW int class map from (1,C,H,W) logits (or a dict/tuple whose first tensor they are)."""
+    return to_labels(logits)[0]
+
+
+def to_labels(logits: Any) -> np.ndarray:
+    """(N,H,W) uint8 class maps: argmax on the logits' device, only the uint8 maps come to the host."""
     if isinstance(logits, dict):
         logits = next(iter(logits.values()))
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
-    return label_map(logits)[0].to("cpu").numpy()
+    return label_map(logits).to("cpu").numpy()
 
 
 def decode(output: Any, task: str = "segmentation") -> Dict[str, Any]:
@@ -77,30 +111,47 @@ def decode(output: Any, task: str = "segmentation") -> Dict[str, Any]:
     return {"label": None, "boxes": to_boxes(output)} if task == "detection" else {"label": to_label(output)}
 
 
+def decode_batch(output: Any, n: int, task: str = "segmentation") -> List[Dict[str, Any]]:
+    """``decode`` for each of the ``n`` frames of a batched output (one host copy for segmenters)."""
+    if task == "detection":
+        return [decode(o, task) for o in _rows(output, n)]
+    return [{"label": lab} for lab in to_labels(output)]
+
+
 def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
 
 class DefenseStep:
-    """``step(x) -> StepResult`` around any ``Defense``; ``plain`` is the undefended forward for fail-open."""
+    """``step(x) -> StepResult`` around any ``Defense``; ``plain`` is the undefended forward for fail-open.
+
+    ``step_batch(x, voters)`` runs one batched defense call over frames of several streams, row ``i``
+    voted by ``voters[i]`` (each stream's own alarm state and propagation ring); ``step`` is the
+    single-stream case with the step's own voter. Stage times are per call (a batch's rows share them)."""
 
     def __init__(self, defense: Defense, voting: VotingConfig, device: torch.device, fail_closed: bool = False,
                  plain: Optional[Callable[[torch.Tensor], Any]] = None, task: str = "segmentation",
-                 audit: bool = False) -> None:
-        self.defense, self.clock, self.fail_closed, self.task = defense, Clock(device), fail_closed, task
+                 audit: bool = False, clock: Optional[Clock] = None) -> None:
+        self.defense, self.fail_closed, self.task = defense, fail_closed, task
+        self.clock = clock if clock is not None else Clock(device)
+        self.voting = voting
         self.voter = TemporalVoter(voting)
         self.plain = plain if plain is not None else defense.plain
         self.audit = audit            # also analyse the UNmasked frame when propagation masked it (2x cost)
 
-    def _timer(self, st: Dict[str, float]) -> StageTimer:
+    def new_voter(self) -> TemporalVoter:
+        """A fresh alarm state for one more stream."""
+        return TemporalVoter(self.voting)
+
+    def _timer(self, tm: Timings) -> StageTimer:
         @contextmanager
         def timer(stage: str) -> Iterator[None]:
             key = stage if stage in OWN_STAGES else "defense"
-            t0 = self.clock()
+            t0 = self.clock.mark()
             try:
                 yield
             finally:
-                st[key] = st.get(key, 0.0) + self.clock() - t0
+                tm.add(key, t0, self.clock.mark())
         return timer
 
     def _grad_mode(self) -> Any:
@@ -108,54 +159,81 @@ class DefenseStep:
         return torch.enable_grad() if self.defense.needs_grad else torch.inference_mode()
 
     def step(self, x: torch.Tensor) -> StepResult:
-        st: Dict[str, float] = {}
+        return self.step_batch(x, [self.voter])[0]
+
+    def step_batch(self, x: torch.Tensor, voters: Sequence[TemporalVoter]) -> List[StepResult]:
+        if x.shape[0] != len(voters):
+            raise ValueError(f"a batch of {x.shape[0]} frames needs as many voters, got {len(voters)}")
+        tm = Timings()
         try:
             with self._grad_mode():
-                return self._step(x, st)
-        except Exception as exc:  # the policy decides what a failed defense means for this frame
-            return self._failed(x, st, _message(exc))
+                results = self._step(x, voters, tm)
+        except Exception as exc:  # the policy decides what a failed defense means for these frames
+            results = self._failed(x, voters, tm, _message(exc))
+        pending = tm if self.clock.events else None
+        stages = {} if pending is not None else tm.result()
+        for r in results:
+            r.stages, r.timings = dict(stages), pending
+        return results
 
-    def _step(self, x: torch.Tensor, st: Dict[str, float]) -> StepResult:
-        prop = self.voter.propagated() if self.defense.accepts_prior else None
-        prior = 1.0 - prop if prop is not None else None
-        res = self.defense(x, self._timer(st), prior=prior)
-        raw_flagged = None
-        if self.audit and prop is not None:
-            raw_flagged = bool(self.defense(x).flagged[0])
-        t0 = self.clock()
-        flagged = bool(res.flagged[0]) if res.flagged is not None else False   # maskers never alarm
-        carried = prop is not None and not flagged
-        fresh = None
-        if flagged and self.defense.accepts_prior:
-            fresh = 1.0 - res.extras.get("detected_mask", res.mask)
-        vs = self.voter.update(flagged, fresh, carried)
-        st["vote"] = self.clock() - t0
-        t1 = self.clock()
-        out = decode(res.output, self.task)
-        masked = None
+    def _prior(self, props: List[Optional[torch.Tensor]], x: torch.Tensor) -> Optional[torch.Tensor]:
+        if all(p is None for p in props):
+            return None
+        ones = None
+        rows = []
+        for p in props:
+            if p is None:
+                ones = ones if ones is not None else torch.ones((1, 1, *x.shape[-2:]), device=x.device)
+            rows.append(1.0 - p if p is not None else ones)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _step(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings) -> List[StepResult]:
+        n = x.shape[0]
+        props = [v.propagated() if self.defense.accepts_prior else None for v in voters]
+        prior = self._prior(props, x)
+        res = self.defense(x, self._timer(tm), prior=prior)
+        raw = None
+        if self.audit and prior is not None:
+            raw = [bool(f) for f in self.defense(x).flagged.tolist()]
+        t0 = self.clock.mark(host=True)
+        flags = [bool(f) for f in res.flagged.tolist()] if res.flagged is not None else [False] * n  # maskers never alarm
+        detected = res.extras.get("detected_mask", res.mask) if self.defense.accepts_prior else None
+        votes = []
+        for i, (voter, prop, flagged) in enumerate(zip(voters, props, flags)):
+            fresh = 1.0 - detected[i:i + 1] if flagged and detected is not None else None
+            votes.append(voter.update(flagged, fresh, prop is not None and not flagged))
+        tm.add("vote", t0, self.clock.mark(host=True))
+        t1 = self.clock.mark()
+        outs = decode_batch(res.output, n, self.task)
+        masked: List[Optional[np.ndarray]] = [None] * n
         if res.mask is not None:
-            m = res.mask[0, 0].detach() < 0.5
-            masked = m.to("cpu").numpy() if bool(m.any()) else None
-        score = float(res.score[0]) if res.score is not None else None
-        st["postprocess"] = self.clock() - t1
-        return StepResult(**out, masked=masked, score=score, flagged=flagged, carried=carried,
-                          propagated=prop is not None,
-                          second_pass=res.first_output is not None and res.first_output is not res.output,
-                          raw_flagged=raw_flagged, alarm=vs.alarm, raised=vs.raised, cleared=vs.cleared, stages=st)
+            m = (res.mask[:, 0].detach() < 0.5).to("cpu").numpy()
+            masked = [m[i] if m[i].any() else None for i in range(n)]
+        scores = res.score.tolist() if res.score is not None else [None] * n
+        tm.add("postprocess", t1, self.clock.mark())
+        ran = res.first_output is not None and res.first_output is not res.output
+        only_flagged = getattr(self.defense, "second_pass_flagged_only", False)   # Z-Mask: per-row second pass
+        return [StepResult(**outs[i], masked=masked[i], score=None if scores[i] is None else float(scores[i]),
+                           flagged=flags[i], carried=props[i] is not None and not flags[i],
+                           propagated=props[i] is not None,
+                           second_pass=ran and (n == 1 or flags[i] or not only_flagged),
+                           raw_flagged=raw[i] if raw is not None and props[i] is not None else None,
+                           alarm=votes[i].alarm, raised=votes[i].raised, cleared=votes[i].cleared)
+                for i in range(n)]
 
-    def _failed(self, x: torch.Tensor, st: Dict[str, float], msg: str) -> StepResult:
-        alarm = self.voter.alarm
+    def _failed(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings, msg: str) -> List[StepResult]:
+        alarms = [v.alarm for v in voters]
         if self.fail_closed:
-            return StepResult(label=None, unsafe=True, error=msg, alarm=alarm, stages=st)
+            return [StepResult(label=None, unsafe=True, error=msg, alarm=a) for a in alarms]
         try:
-            t0 = self.clock()
+            t0 = self.clock.mark()
             with torch.inference_mode():
-                out = decode(self.plain(x), self.task)
-            st["backbone"] = st.get("backbone", 0.0) + self.clock() - t0
-            return StepResult(**out, error=msg, alarm=alarm, stages=st)
+                outs = decode_batch(self.plain(x), x.shape[0], self.task)
+            tm.add("backbone", t0, self.clock.mark())
+            return [StepResult(**o, error=msg, alarm=a) for o, a in zip(outs, alarms)]
         except Exception as exc2:  # not even the plain model runs: nothing trustworthy to emit
-            return StepResult(label=None, unsafe=True, error=f"{msg}; plain pass: {exc2}"[:300], alarm=alarm,
-                              stages=st)
+            return [StepResult(label=None, unsafe=True, error=f"{msg}; plain pass: {exc2}"[:300], alarm=a)
+                    for a in alarms]
 
 
-__all__ = ["DefenseStep", "OWN_STAGES", "Step", "StepResult", "decode", "to_label"]
+__all__ = ["DefenseStep", "OWN_STAGES", "Step", "StepResult", "decode", "decode_batch", "to_label", "to_labels"]
