@@ -65,7 +65,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m realtime.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="demo", help="cameraN, file, URL, folder, glob, camvid:SEQ or demo")
+    p.add_argument("--source", action="append", default=None,
+                   help="cameraN, file, URL, folder, glob, camvid:SEQ or demo (default); give it several times, "
+                        "or a .streams file (one source per line), for one batched multi-stream run")
     p.add_argument("--model", default="ddrnet23_slim", type=model_arg,
                    help="a registered name ({}) or torchvision:NAME / package.module:factory".format(", ".join(list_models())))
     p.add_argument("--weights", default="default",
@@ -114,7 +116,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="measurement: also analyse the unmasked frame when propagation masked it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar / FPS line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    specs = args.source or ["demo"]
+    args.source, args.sources = specs[0], tuple(specs) if len(specs) > 1 else ()
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

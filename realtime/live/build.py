@@ -47,6 +47,7 @@ def check_imgsz(hw: Tuple[int, int], what: str) -> Tuple[int, int]:
 class RunConfig:
     """Everything a live run is made of (``python -m realtime.run`` fills it from its flags)."""
     source: str = "demo"
+    sources: Tuple[str, ...] = ()             # a multi-stream run: every source (several --source / a .streams file)
     model: str = "ddrnet23_slim"
     weights: Optional[str] = "default"        # "none": random init (development, tests)
     defense: str = "zmask"

@@ -28,6 +28,7 @@ from realtime.core.errors import UsageError, one_line
 from .build import REPO, RunConfig, build, calibration_path, check_imgsz, weights_arg
 from .paths import check_outputs, input_paths
 from .paths import output_paths as paths_for
+from .multistream import expand_sources
 from .pipeline import PipelineConfig, RunInfo, Work, run_pipeline
 from .report import print_summary, run_status, write_summary
 from .schema import AlarmEvent, FrameEvent, ReconnectEvent, RunHeader
@@ -79,8 +80,9 @@ class Outputs:
 
     def __init__(self, cfg: RunConfig, source: Source, paths: Dict[str, Optional[Path]],
                  defended: bool, live: bool, total: Optional[int],
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, stream: Optional[int] = None) -> None:
         fps = source.fps or cfg.fps
+        self.stream = stream          # multi-stream runs: the source's index, in every event
         self.video: Optional[VideoWriter] = None
         self.events: Optional[EventWriter] = None
         self.display = None
@@ -91,7 +93,7 @@ class Outputs:
                 self.video = VideoWriter(paths["video"], fps=min(max(fps, 1.0), 60.0))
             if paths["events"]:
                 self.events = EventWriter(paths["events"])
-                self.events.write(RunHeader(cfg.source, cfg.model, cfg.defense).to_dict())
+                self.events.write(RunHeader(cfg.source, cfg.model, cfg.defense, stream=stream).to_dict())
         except (OSError, ValueError, av.FFmpegError) as exc:
             flag = "--events" if self.video is not None or not paths["video"] else "--output"
             self.close()
@@ -114,7 +116,8 @@ class Outputs:
     def source_events(self) -> None:
         """Record the source's reconnects (live sources) as they happen."""
         for e in self.source.drain_events():
-            rec = ReconnectEvent(e["frame"], e["ok"], e["gap_s"], e["attempts"], e.get("error")).to_dict()
+            rec = ReconnectEvent(e["frame"], e["ok"], e["gap_s"], e["attempts"], e.get("error"),
+                                 stream=self.stream).to_dict()
             self.reconnects.append(rec)
             if self.events is not None:
                 self.events.write(rec)
@@ -153,7 +156,8 @@ class Outputs:
             latency_ms=round((time.perf_counter() - w.t_read) * 1000.0, 2), raw_flagged=r.raw_flagged,
             # a detector: its boxes (None on an unsafe frame: no output)
             has_boxes=self.class_names is not None,
-            boxes=box_records(shown, self.class_names) if (shown is not None and self.class_names is not None) else None)
+            boxes=box_records(shown, self.class_names) if (shown is not None and self.class_names is not None) else None,
+            stream=self.stream)
         if gt is not None:
             c = iou(r.masked, gt)
             ev.gt = {"gt_patch": bool(gt.any()), "gt_inter": c["inter"], "gt_union": c["union"],
@@ -162,7 +166,8 @@ class Outputs:
         if self.events is not None:
             self.events.write(rec)
             if r.raised or r.cleared:
-                self.events.write(AlarmEvent("on" if r.raised else "off", ev.frame, ev.timestamp).to_dict())
+                self.events.write(AlarmEvent("on" if r.raised else "off", ev.frame, ev.timestamp,
+                                              stream=self.stream).to_dict())
         self.stats.add(rec)
         self.bar.update(1)
         if self.fps_line and t1 - self.t_line > 0.5:
@@ -214,7 +219,15 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
     """A whole live run: build, stream, write the outputs and the summary; returns (exit status, summary).
 
     Bad arguments, sources, models, calibrations and outputs raise UsageError / SourceError before the
-    first frame. A stop signal (``realtime.core.signals``) ends the run with every output finalised."""
+    first frame. A stop signal (``realtime.core.signals``) ends the run with every output finalised.
+    Several sources (``cfg.sources``, or a ``.streams`` file) run as one batched multi-stream run
+    (``realtime.live.multirun``)."""
+    specs = expand_sources(cfg.sources or (cfg.source,))
+    if len(specs) > 1:
+        from .multirun import run_multi          # same package; it builds on this module's Outputs
+        return run_multi(cfg, specs)
+    if specs[0] != cfg.source or cfg.sources:
+        cfg = dataclasses.replace(cfg, source=specs[0], sources=())
     check_config(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -2,8 +2,9 @@
 
 An events file starts with one ``RunHeader`` line (``"type": "run"``, ``"schema": SCHEMA``), then one
 ``FrameEvent`` per processed frame, one ``AlarmEvent`` per alarm transition and, for live sources,
-one ``ReconnectEvent`` per dropped connection. Consumers should
-check ``schema``; fields are only ever added within a version, never renamed or removed.
+one ``ReconnectEvent`` per dropped connection. In a multi-stream run (several ``--source``) every
+line also carries ``stream``: the index of its source in the run (single-stream runs leave it out).
+Consumers should check ``schema``; fields are only ever added within a version, never renamed or removed.
 """
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 SCHEMA = "zmask-events/1"
+
+
+def _tagged(rec: Dict[str, Any], stream: Optional[int]) -> Dict[str, Any]:
+    """``rec`` with ``stream`` after ``type`` when set (multi-stream runs)."""
+    if stream is None:
+        return rec
+    return {"type": rec["type"], "stream": stream, **{k: v for k, v in rec.items() if k != "type"}}
 
 
 @dataclass
@@ -21,9 +29,10 @@ class RunHeader:
     defense: str
     type: str = "run"
     schema: str = SCHEMA
+    stream: Optional[int] = None        # multi-stream runs: the source's index
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        return _tagged({k: v for k, v in asdict(self).items() if k != "stream"}, self.stream)
 
 
 @dataclass
@@ -54,10 +63,12 @@ class FrameEvent:
     has_boxes: bool = False                 # a detector's frame: ``boxes`` is written even when None
     gt: Dict[str, Any] = field(default_factory=dict)   # gt_patch, gt_inter, gt_union, gt_iou
     type: str = "frame"
+    stream: Optional[int] = None        # multi-stream runs: the source's index
 
     def to_dict(self) -> Dict[str, Any]:
-        rec = {k: v for k, v in asdict(self).items() if k not in ("raw_flagged", "boxes", "has_boxes", "gt", "type")}
-        rec = {"type": self.type, **rec}
+        rec = {k: v for k, v in asdict(self).items()
+               if k not in ("raw_flagged", "boxes", "has_boxes", "gt", "type", "stream")}
+        rec = _tagged({"type": self.type, **rec}, self.stream)
         if self.raw_flagged is not None:
             rec["raw_flagged"] = self.raw_flagged
         if self.has_boxes:
@@ -73,9 +84,11 @@ class AlarmEvent:
     frame: int
     timestamp: float
     type: str = "alarm"
+    stream: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"type": self.type, "state": self.state, "frame": self.frame, "timestamp": self.timestamp}
+        return _tagged({"type": self.type, "state": self.state, "frame": self.frame, "timestamp": self.timestamp},
+                       self.stream)
 
 
 @dataclass
@@ -88,10 +101,11 @@ class ReconnectEvent:
     attempts: int
     error: Optional[str]
     type: str = "reconnect"
+    stream: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"type": self.type, "frame": self.frame, "ok": self.ok, "gap_s": self.gap_s,
-                "attempts": self.attempts, "error": self.error}
+        return _tagged({"type": self.type, "frame": self.frame, "ok": self.ok, "gap_s": self.gap_s,
+                        "attempts": self.attempts, "error": self.error}, self.stream)
 
 
 __all__ = ["AlarmEvent", "FrameEvent", "ReconnectEvent", "RunHeader", "SCHEMA"]
