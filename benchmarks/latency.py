@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.latency_entries import defense_entry, probe, stack_batches, temporal_entry, to_input
+from benchmarks.latency_entries import (defense_entry, multistream_entries, probe, stack_batches, temporal_entry,
+                                        to_input)
 from benchmarks.latency_frames import build_frames, screen_attacked
 from benchmarks.latency_report import device_slug, environment, write_all
 from benchmarks.timing import Entry, measure, overhead, rss_peak_scope, summarize_samples
@@ -57,6 +58,7 @@ class LatencyConfig:
     pool: int = 16                 # distinct frames per kind (cycled)
     kernel: Optional[str] = None   # Z-Mask heatmap backend passed to ZMask (fused | reference | auto)
     temporal: bool = True
+    streams: int = 0               # > 1: also N live streams batched into one step vs N x one stream
     screen: bool = True            # keep only attacked frames that Z-Mask flags (so the 2nd pass runs)
     synthetic: bool = False
     data: Optional[str] = None
@@ -163,6 +165,8 @@ def run_config(cfg: LatencyConfig, model_name: str, engine_kind: str, hw: Tuple[
     entries: List[Entry] = [defense_entry(n, d, batches, device) for n, d in defenses.items()]
     if cfg.temporal and "zmask" in defenses:
         entries.append(_temporal(defenses["zmask"], fs, device, cfg.batch, notes))
+    multi = _multistream(defenses, fs, device, cfg.streams, notes)
+    entries += multi
     kept: List[Entry] = []
     for e in entries:
         err = probe(e)
@@ -181,11 +185,17 @@ def run_config(cfg: LatencyConfig, model_name: str, engine_kind: str, hw: Tuple[
            "entries": {}, "samples_ms": {}, "overhead": {}, "notes": notes}
     if engine is not None and hasattr(engine, "describe"):
         doc["engine_info"] = engine.describe()
+    names = [e.name for e in multi if e.name in samples]
     for name, kinds in samples.items():
-        doc["entries"][name] = {k: summarize_samples(s, cfg.batch) for k, s in kinds.items()}
+        per_round = cfg.streams if any(e.name == name for e in multi) else cfg.batch
+        doc["entries"][name] = {k: summarize_samples(s, per_round) for k, s in kinds.items()}
         doc["samples_ms"][name] = {k: [round(v, 3) for v in s.total_ms] for k, s in kinds.items()}
         doc["overhead"][name] = {k: overhead(s.total_ms, samples["none"][k].total_ms)
                                  for k, s in kinds.items() if k in samples["none"]}
+    if len(names) == 2:
+        fps = {n: {k: v["fps"] for k, v in doc["entries"][n].items()} for n in names}
+        doc["multistream"] = {"streams": cfg.streams, "fps": fps, "speedup": {
+            k: round(fps[names[0]][k] / fps[names[1]][k], 3) for k in fps[names[0]] if fps[names[1]].get(k)}}
     del defenses, entries, kept, engine, model
     gc.collect()
     if device.type == "cuda":
@@ -204,6 +214,18 @@ def _temporal(zdef: Any, fs: Any, device: torch.device, batch: int, notes: List[
         notes.append(f"{TEMPORAL} runs at batch 1 whatever --batch is (the live pipeline is per frame)")
     return temporal_entry(TEMPORAL, lambda: DefenseStep(zdef, vc, device),
                           {"clean": fs.clean, "attacked": fs.attacked}, device)
+
+
+def _multistream(defenses: Dict[str, Any], fs: Any, device: torch.device, n: int, notes: List[str]) -> List[Entry]:
+    if n < 2 or "zmask" not in defenses:
+        return []
+    from realtime.live.step import DefenseStep
+    from realtime.live.voting import VotingConfig
+    notes.append(f"{TEMPORAL} x{n}: {n} streams, one voter each, through one DefenseStep: 'batched' = one "
+                 f"step_batch call on the {n} streams' frames per round (realtime.run with {n} --source), "
+                 f"'serial' = {n} one-frame calls; a round is {n} frames, FPS counts frames of all streams")
+    return multistream_entries(TEMPORAL, lambda: DefenseStep(defenses["zmask"], VotingConfig(), device),
+                               {"clean": fs.clean, "attacked": fs.attacked}, device, n)
 
 
 def run_all(cfg: LatencyConfig) -> Dict[str, Any]:
@@ -257,9 +279,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=100, help="timed rounds per config")
     p.add_argument("--warmup", type=int, default=10, help="discarded rounds before timing")
     p.add_argument("--pool", type=int, default=16, help="distinct frames per kind (cycled)")
-    p.add_argument("--kernel", choices=("fused", "reference", "auto"),
+    p.add_argument("--kernel", "--kernels", dest="kernel", choices=("fused", "reference", "auto"),
                    help="Z-Mask heatmap backend, passed as ZMask(heatmap_backend=kernels.heatmap_backend(...))")
     p.add_argument("--no-temporal", action="store_true", help=f"skip the {TEMPORAL} path")
+    p.add_argument("--streams", type=int, default=0, metavar="N",
+                   help=f"also time N streams batched into one {TEMPORAL} step vs N x one stream (N >= 2)")
     p.add_argument("--no-screen", action="store_true", help="use attacked frames even when Z-Mask does not flag them")
     p.add_argument("--synthetic", action="store_true", help="synthetic frames instead of CamVid val")
     p.add_argument("--data", help="CamVid root (default: the usual lookup)")
@@ -300,7 +324,7 @@ def config_from_args(a: argparse.Namespace, argv: Sequence[str]) -> LatencyConfi
         raise RuntimeError("no requested engine is available: " + "; ".join(skipped))
     return LatencyConfig(models=models, engines=engines, resolutions=res, defenses=defenses, device=a.device,
                          precision=a.precision, batch=a.batch, frames=a.frames, warmup=a.warmup, pool=a.pool,
-                         kernel=a.kernel, temporal=not a.no_temporal, screen=not a.no_screen,
+                         kernel=a.kernel, temporal=not a.no_temporal, screen=not a.no_screen, streams=a.streams,
                          synthetic=a.synthetic, data=a.data, threads=a.threads, progress=not a.quiet,
                          command="python -m benchmarks.latency " + " ".join(shlex.quote(v) for v in argv),
                          skipped=skipped)

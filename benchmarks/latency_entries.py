@@ -127,6 +127,54 @@ def temporal_entry(name: str, make_engine: Callable[[], Any], frames: Dict[str, 
     return Entry(name, run, tuple(frames))
 
 
+class MultiStream:
+    """``n`` streams through one ``DefenseStep``, one voter (alarm state, propagation ring) per stream.
+
+    ``batched``: each round stacks one frame of every stream and makes ONE ``step_batch`` call (what
+    ``realtime.run --source A --source B`` does); otherwise it makes ``n`` one-frame calls (n x one
+    stream). A round is ``n`` frames either way; streams start at different frames of the pool."""
+
+    def __init__(self, engine: Any, frames: List[np.ndarray], device: torch.device, n: int, batched: bool) -> None:
+        self.engine, self.frames, self.device, self.n, self.batched = engine, frames, device, n, batched
+        self.voters = [engine.new_voter() for _ in range(n)]
+        self.pos = 0
+
+    def __call__(self, timer: FrameTimer) -> Outcome:
+        L = len(self.frames)
+        imgs = [self.frames[(self.pos + j * max(1, L // self.n)) % L] for j in range(self.n)]
+        self.pos += 1
+        if self.batched:
+            with timer("preprocess"):
+                x = to_input(np.stack(imgs), self.device)
+            rows = self.engine.step_batch(x, self.voters)
+            timed = rows[:1]                         # the rows of one call share its stage times
+        else:
+            rows = []
+            for img, voter in zip(imgs, self.voters):
+                with timer("preprocess"):
+                    x = to_input(img[None], self.device)
+                rows += self.engine.step_batch(x, [voter])
+            timed = rows
+        for r in rows:
+            if r.error is not None:
+                raise RuntimeError(f"multi-stream path failed: {r.error}")
+        for r in timed:
+            for stage, ms in r.resolve_stages().items():
+                timer.add(TEMPORAL_STAGES.get(stage, stage), ms)
+        return Outcome(flagged=any(r.flagged for r in rows))
+
+
+def multistream_entries(name: str, make_engine: Callable[[], Any], frames: Dict[str, List[np.ndarray]],
+                        device: torch.device, n: int) -> List[Entry]:
+    """``<name> xN batched`` and ``<name> xN serial``: the same N streams, one batched call vs N calls."""
+    entries = []
+    for batched in (True, False):
+        streams = {kind: MultiStream(make_engine(), fs, device, n, batched) for kind, fs in frames.items()}
+        entries.append(Entry(f"{name} x{n} {'batched' if batched else 'serial'}",
+                             lambda kind, _i, timer, st=streams: st[kind](timer), tuple(frames)))
+    return entries
+
+
 def probe(entry: Entry) -> Optional[str]:
     """Run ``entry`` once per kind, untimed; the error message if it fails (then it is left out)."""
     try:
@@ -139,5 +187,5 @@ def probe(entry: Entry) -> Optional[str]:
     return None
 
 
-__all__ = ["Batches", "TemporalStream", "defense_entry", "first_tensor", "grad_mode", "labels", "probe",
+__all__ = ["Batches", "MultiStream", "TemporalStream", "multistream_entries", "defense_entry", "first_tensor", "grad_mode", "labels", "probe",
            "stack_batches", "temporal_entry", "to_input"]

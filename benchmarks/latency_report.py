@@ -161,6 +161,14 @@ def config_markdown(c: Dict[str, Any]) -> List[str]:
             for tag, p in ps.items():
                 lines.append(f"| `{name}` | {kind} | {tag} | {p['frames']} | {p['latency_ms']['median']:.1f} | "
                              f"{p['latency_ms']['p95']:.1f} |")
+    ms = c.get("multistream")
+    if ms:
+        lines += ["", f"Multi-stream throughput, {ms['streams']} streams (FPS over all streams):", "",
+                  "| frames | " + " | ".join(f"`{n}`" for n in ms["fps"]) + " | batched / serial |",
+                  "|---|" + "---|" * (len(ms["fps"]) + 1)]
+        for kind in next(iter(ms["fps"].values())):
+            lines.append(f"| {kind} | " + " | ".join(f"{v[kind]:.2f}" for v in ms["fps"].values())
+                         + f" | {ms['speedup'].get(kind, float('nan')):.2f}x |")
     for note in c.get("notes", []):
         lines += ["", f"Note: {note}"]
     return lines + [""]

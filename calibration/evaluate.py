@@ -21,6 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
+from kernels.backend import BACKENDS, heatmap_backend
 from realtime.defenses.artifact import load_calibration
 from calibration.fit import LIBRARY
 from calibration.patched_set import library_patches, make_sources, patch_frames
@@ -75,7 +76,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     model = build_model(args.model, device=dev)
     cal_path = args.calibration or Path("calibration") / "shipped" / f"{model_slug(args.model)}.safetensors"
     cal = load_calibration(cal_path, model)
-    zm = cal.build_zmask(model).eval()
+    zm = cal.build_zmask(model, heatmap_backend=heatmap_backend(getattr(args, "kernels", "auto"))).eval()
     ds = CamVid(args.data, args.split)
     images, _ = ds.to_tensors(range(min(len(ds), args.limit or len(ds))), progress=True)
     hw = tuple(images.shape[-2:])
@@ -87,7 +88,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     d_clean = clean["d"].numpy()
     res: Dict = {"model": args.model, "calibration": str(cal_path), "split": args.split, "frames": len(images),
                  "lambda0": lam, "shallow": list(cal.config.shallow), "deep": list(cal.config.deep),
-                 "clean_fpr": float((d_clean > lam).mean()), "clean_gate": gate_stats(clean["gate"]),
+                 "kernels": zm.heatmap_backend, "clean_fpr": float((d_clean > lam).mean()), "clean_gate": gate_stats(clean["gate"]),
                  "conditions": {}, "env": describe(dev)}
     curves = {}
     examples: List = []
@@ -135,6 +136,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", default="auto")
+    p.add_argument("--kernels", default="auto", choices=BACKENDS,
+                   help="Z-Mask heatmaps: auto (fused CUDA kernels after a parity self-check on CUDA, else the "
+                        "plain-torch reference), fused (kernels or an error), reference")
     p.add_argument("--report-dir", default=None)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
