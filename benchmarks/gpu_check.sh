@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: every GPU test, the fused-kernel micro-benchmark, and (when present)
-# the latency suite on CUDA. Extra arguments go to benchmarks.kernel_bench. Exit status: non-zero if
+# One command for a GPU machine: every GPU test (fused kernels, the live step's CUDA-event clock with no
+# synchronize), the fused-kernel micro-benchmark, the live pipeline on CUDA (one stream and two batched
+# streams, fused kernels) and the latency suite on CUDA (with the 4-stream batched vs serial entry). Extra arguments go to benchmarks.kernel_bench. Exit status: non-zero if
 # any step failed (all steps still run).
 #   benchmarks/gpu_check.sh                       # everything
-#   PARTS=tests,kernels benchmarks/gpu_check.sh   # a subset (tests, kernels, latency), e.g. to fit a
+#   PARTS=tests,kernels benchmarks/gpu_check.sh   # a subset (tests, kernels, live, latency), e.g. to fit a
 #   RESOLUTIONS="360x480 720x960" PARTS=latency benchmarks/gpu_check.sh   # per-command time limit
 set -uo pipefail
-PARTS="${PARTS:-tests,kernels,latency}"
+PARTS="${PARTS:-tests,kernels,live,latency}"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
@@ -27,9 +28,25 @@ if want kernels; then
     echo "== kernel micro-benchmark"
     "$PY" -m benchmarks.kernel_bench "$@" || status=1
 fi
+if want live; then
+    echo "== live pipeline on cuda: one stream, then two batched streams (--kernels fused)"
+    out="${TMPDIR:-/tmp}/gpu_check_live"
+    mkdir -p "$out"
+    "$PY" -m realtime.run --device cuda --kernels fused --source demo --max-frames 60 --quiet \
+        --output "$out/one.mp4" || status=1
+    "$PY" -m realtime.run --device cuda --kernels fused --source demo --source demo --max-frames 60 --quiet \
+        --output "$out/two.mp4" || status=1
+    "$PY" - "$out" <<'PYEOF' || status=1
+import json, sys
+one = json.load(open(f"{sys.argv[1]}/one.summary.json")); two = json.load(open(f"{sys.argv[1]}/two.summary.json"))
+print(f"live cuda: one stream {one['fps']} FPS, kernels {one.get('kernels')}; two batched streams {two['fps']} FPS "
+      f"over both (mean batch {two['mean_batch']}); compute p50 ms one {one['latency_ms']['compute']['p50']}, "
+      f"two {two['streams'][0]['latency_ms']['compute']['p50']}")
+PYEOF
+fi
 if want latency; then
     echo "== latency suite (cuda, fused kernel)"
     # shellcheck disable=SC2086
-    "$PY" -m benchmarks.latency --suite --device cuda --kernel auto ${RESOLUTIONS:+--resolutions $RESOLUTIONS} || status=1
+    "$PY" -m benchmarks.latency --suite --device cuda --kernels auto --streams 4 ${RESOLUTIONS:+--resolutions $RESOLUTIONS} || status=1
 fi
 exit $status
