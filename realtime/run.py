@@ -10,6 +10,8 @@ examples:
   python -m realtime.run --source drive.mp4 --realtime     # replay paced at the file's fps
   python -m realtime.run --source rtsp://10.0.0.5/live --vote 3/5 --clear 5 --fail-closed
   python -m realtime.run --source camvid:0006R0@train --defense none
+  python -m realtime.run --source camera0 --source rtsp://10.0.0.5/live   # two streams, one batched forward
+  python -m realtime.run --source cams.streams --output out.mp4  # one source per line -> out.s0.mp4, out.s1.mp4, ...
   python -m realtime.run --engine onnxruntime              # same defense, backbone in onnxruntime
   python -m realtime.run --device cuda --engine tensorrt --precision fp16
   python -m realtime.run --model fcos_ddrnet --defense none --box-threshold 0.5   # a detector: boxes out

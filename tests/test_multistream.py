@@ -89,3 +89,73 @@ def test_streams_file_errors(tmp_path, capsys):
     (tmp_path / "empty.streams").write_text("# nothing\n")
     rc = cli.main(["--source", str(tmp_path / "empty.streams"), "--defense", "none", "--quiet"])
     assert rc == 2 and "lists no source" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ run_streams with fake sources
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import torch  # noqa: E402
+
+from realtime.live.multistream import run_streams  # noqa: E402
+from realtime.live.pipeline import PipelineConfig  # noqa: E402
+from realtime.live.sources import Frame, Source  # noqa: E402
+from realtime.live.step import StepResult  # noqa: E402
+from realtime.live.voting import TemporalVoter, VotingConfig  # noqa: E402
+
+
+class _Src(Source):
+    """``n`` frames (brightness = index), ``delay`` s apart."""
+
+    def __init__(self, n: int, live: bool, delay: float = 0.0) -> None:
+        self.n, self.live, self.delay, self.name, self.fps = n, live, delay, "fake", 10.0
+
+    def __iter__(self) -> Iterator[Frame]:
+        for k in range(self.n):
+            time.sleep(self.delay)
+            yield Frame(index=k, image=np.full((8, 8, 3), k, np.uint8), timestamp=k / 10)
+
+
+class _BatchStep:
+    """Records the batch sizes; ``delay`` s per call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: List[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def new_voter(self) -> TemporalVoter:
+        return TemporalVoter(VotingConfig())
+
+    def step_batch(self, x: torch.Tensor, voters) -> List[StepResult]:
+        assert x.shape[0] == len(voters) and len({id(v) for v in voters}) == len(voters)
+        self.sizes.append(x.shape[0])
+        time.sleep(self.delay)
+        return [StepResult(label=np.zeros((8, 8), np.uint8), score=float(x[i, 0, 0, 0]) * 255)
+                for i in range(x.shape[0])]
+
+
+def _run(sources, step, **cfg):
+    seen = {i: [] for i in range(len(sources))}
+    streams = run_streams(sources, step, lambda i, w, r: seen[i].append((w.frame.index, round(r.score))),
+                          PipelineConfig(imgsz=(8, 8), **cfg), torch.device("cpu"))
+    return streams, seen
+
+
+def test_replayed_streams_are_frame_exact_and_batched_together():
+    step = _BatchStep()
+    streams, seen = _run([_Src(5, False), _Src(3, False)], step)
+    assert seen[0] == [(k, k) for k in range(5)] and seen[1] == [(k, k) for k in range(3)]
+    assert step.sizes == [2, 2, 2, 1, 1]
+    assert [s.info.processed for s in streams] == [5, 3] and all(s.info.dropped == 0 for s in streams)
+
+
+def test_a_slow_live_stream_does_not_hold_back_a_fast_one_and_stale_frames_are_dropped():
+    step = _BatchStep(delay=0.02)
+    streams, seen = _run([_Src(40, True, 0.002), _Src(3, True, 0.3)], step)
+    assert len(seen[1]) == 3 and [k for k, _ in seen[1]] == [0, 1, 2]      # the slow camera: every frame
+    fast = [k for k, _ in seen[0]]
+    assert fast == sorted(fast) and fast[-1] == 39                          # newest frame wins ...
+    assert streams[0].info.dropped > 0 and len(fast) + streams[0].info.dropped == 40   # ... drops counted
+    assert 1 in step.sizes                                                  # batches went without the slow one
