@@ -166,3 +166,12 @@ def torch_dtype(trt: Any, dt: Any) -> torch.dtype:
         if hasattr(trt.DataType, name) and dt == getattr(trt.DataType, name):
             return tdt
     raise EngineError(f"unsupported TensorRT tensor type {dt}")
+
+
+def build_defended_plan(trt: Any, model: Any, cal: Any, cfg: EngineConfig, fingerprint: str, model_name: str,
+                        flags: Sequence[str], timing_file: Path, head: str = "logits") -> Tuple[bytes, Any]:
+    """A TensorRT plan of the whole defended graph (``defended_export``): the same ONNX file onnxruntime
+    runs, through the same builder sequence as the backbone (``build_plan``). Returns (plan, graph file)."""
+    from .defended_export import export_defended
+    graph = export_defended(model, cal, cfg, fingerprint, model_name, head=head)
+    return build_plan(trt, graph.path, cfg, flags, graph.input_name, timing_file), graph
