@@ -206,6 +206,21 @@ def test_build_plan_configures_the_builder(tmp_path):
         build_plan(_Recorder(plan=None), onnx_file, cfg, [], "input", timing)
 
 
+def test_defended_graph_goes_through_the_same_builder(tmp_path):
+    from engines.trt_build import build_defended_plan
+    from realtime.defenses.artifact import load_calibration
+    from realtime.models import fingerprint
+    model = build_model("ddrnet23_slim")
+    cal = load_calibration(Path(__file__).resolve().parents[1] / "calibration/shipped/ddrnet23_slim.safetensors", model)
+    cfg = EngineConfig(backend="tensorrt", input_shape=(64, 96), max_batch=4, cache_dir=str(tmp_path))
+    trt = _Recorder()
+    plan, graph = build_defended_plan(trt, model, cal, cfg, fingerprint(model), "ddrnet23_slim", ["FP16"],
+                                      tmp_path / "timing.cache")
+    assert plan == b"PLAN" and ("parse", graph.path.stat().st_size) in trt.calls
+    assert ("profile", ("input", (1, 3, 64, 96), (1, 3, 64, 96), (4, 3, 64, 96))) in trt.calls
+    assert graph.outputs[0] == "logits" and "score" in graph.outputs and "keep_mask" in graph.outputs
+
+
 needs_trt = pytest.mark.skipif(not available_engines()["tensorrt"][0],
                                reason=f"real TensorRT builds: {available_engines()['tensorrt'][1]}")
 needs_ttrt = pytest.mark.skipif(not available_engines()["torch_tensorrt"][0],
