@@ -11,7 +11,7 @@ M=torchvision:lraspp_mobilenet_v3_large
 W=realtime/models/weights/lraspp_mobilenet_v3_large_camvid.pt
 S=torchvision-lraspp_mobilenet_v3_large           # the file-name slug of $M (realtime.models.model_slug)
 DATA=${REALTIME_DATA:-../shared/datasets/camvid}
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-60}
 
 # 1. train (resumes from runs/lraspp/last.pt)
 [ -f "$W" ] || $PY -m realtime.train --model $M --base-scale 0.5 --crop 180x240 --batch-size 8 --epochs 10 \
@@ -26,10 +26,10 @@ $PY -m calibration.fit --model $M --weights $W --out calibration/shipped/$S.safe
     --report-dir benchmarks/results/calibration/$S
 # 3b. calibration from unlabeled footage: the same frames as a video, patches crafted on pseudo-labels
 $PY scripts/frames_to_video.py "$DATA/train" runs/footage_train.mp4
-$PY -m calibration.fit --model $M --weights $W --frames runs/footage_train.mp4 --craft-steps $STEPS --time-budget 600 \
+$PY -m calibration.fit --model $M --weights $W --frames runs/footage_train.mp4 --craft-steps $STEPS --time-budget 420 \
     --out calibration/shipped/${S}_footage.safetensors --report-dir benchmarks/results/calibration/${S}_footage
 # 4. both on val against the labelled EOT S/M/L patches
 for cal in $S ${S}_footage; do
   $PY -m benchmarks.robustness --model $M --weights $W --calibration calibration/shipped/$cal.safetensors \
-      --defenses none,zmask --conditions none,eot_S,eot_M,eot_L --out-dir benchmarks/results/byo/$cal --quiet
+      --defenses none,zmask --conditions none,eot_S,eot_M,eot_L --every 2 --out-dir benchmarks/results/byo/$cal --quiet
 done
