@@ -13,21 +13,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from realtime.core import signals
-from realtime.core.devices import describe, pick_device
+from realtime.core.devices import describe
 from realtime.core.errors import UsageError, one_line
 
 from .build import REPO, RunConfig, build, calibration_path, weights_arg
 from .multistream import StreamsConfig, run_streams
 from .paths import check_outputs, input_paths
 from .paths import output_paths as paths_for
-from .pipeline import PipelineConfig, RunInfo
+from .pipeline import RunInfo
 from .report import print_summary, run_status, write_summary
-from .runner import Outputs, check_config, parse_imgsz
-from .sources import SourceOptions, open_source, source_kind
-from .voting import VotingConfig
+from .runner import Outputs, prepare
+from .sources import open_source, source_kind
 
 
 def _tag(p: Path, i: int) -> Path:
@@ -71,22 +68,10 @@ def _check_paths(per: List[Dict[str, Optional[Path]]], summary: Path, inputs: Li
 def run_multi(cfg: RunConfig, specs: Sequence[str], scfg: StreamsConfig = StreamsConfig()
               ) -> Tuple[int, Dict[str, Any]]:
     """A whole multi-stream run (see the module doc); problems before the first frame raise UsageError."""
-    check_config(cfg)
     if cfg.show:
         raise UsageError("--show shows one stream; drop it for a multi-stream run (each stream has its video)")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
-                                    mask_window=cfg.mask_window, dilate=cfg.dilate)
-        device = pick_device(cfg.device)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(str(exc)) from None
-    pcfg = PipelineConfig(voting=voting, fail_closed=cfg.fail_closed, max_frames=cfg.max_frames,
-                          realtime=cfg.realtime, audit=cfg.audit, imgsz=parse_imgsz(cfg.imgsz))
+    device, pcfg, opts = prepare(cfg)
     seen = signals.mark()
-    opts = SourceOptions(data=cfg.data, image_fps=cfg.fps, timeout=cfg.timeout, model=cfg.model, patch=cfg.patch,
-                         reconnect=cfg.reconnect, patch_start=cfg.patch_start, patch_frames=cfg.patch_frames)
     sources: List[Any] = []
     outs: List[Outputs] = []
     info = RunInfo()

@@ -28,7 +28,7 @@ import torch
 from realtime.core import signals
 from realtime.core.errors import UsageError
 
-from .pipeline import PipelineConfig, RunInfo, Work, _put
+from .pipeline import PipelineConfig, RunInfo, Work, _put, sink_loop
 from .sources import Source, SourceDied, SourceError, make_queue
 from .step import DefenseStep, StepResult
 
@@ -180,18 +180,7 @@ def run_streams(sources: Sequence[Source], step: DefenseStep,
     sink_done = threading.Event()
 
     def sinker() -> None:
-        while True:
-            item = q_out.get()
-            if item is None:
-                break
-            if info.sink_error is None:
-                try:
-                    item[2].resolve_stages()      # CUDA stage events: read here, off the compute thread
-                    on_result(*item)
-                except Exception as exc:  # keep draining so the compute thread never blocks
-                    info.sink_error = f"{type(exc).__name__}: {exc}"
-                    stop.set()
-        sink_done.set()
+        sink_loop(q_out, on_result, info, stop, sink_done)
 
     for s in streams:
         s.thread = threading.Thread(target=_reader, args=(s, cfg, arrived, stop), name=f"reader{s.index}",

@@ -107,6 +107,25 @@ def _get(q: Any, stop: threading.Event) -> Any:
     return None
 
 
+def sink_loop(q_out: "queue.Queue[Any]", on_result: Callable[..., None], info: RunInfo, stop: threading.Event,
+              done: threading.Event) -> None:
+    """The sink thread: ``on_result(*item)`` for every queued item until ``None``; the item's last element
+    is its StepResult, whose CUDA stage events are read here, off the compute thread. A sink error is
+    recorded once and stops the run, and the queue keeps draining so the compute thread never blocks."""
+    while True:
+        item = q_out.get()
+        if item is None:
+            break
+        if info.sink_error is None:
+            try:
+                item[-1].resolve_stages()
+                on_result(*item)
+            except Exception as exc:
+                info.sink_error = f"{type(exc).__name__}: {exc}"
+                stop.set()
+    done.set()
+
+
 def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepResult], None],
                  cfg: PipelineConfig, device: torch.device,
                  should_stop: Callable[[], bool] = lambda: False, info: Optional[RunInfo] = None) -> RunInfo:
@@ -165,18 +184,7 @@ def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepRe
         _put(q_pre, None, stop)
 
     def sinker() -> None:
-        while True:
-            item = q_out.get()
-            if item is None:
-                break
-            if info.sink_error is None:
-                try:
-                    item[1].resolve_stages()      # CUDA stage events: read here, off the compute thread
-                    on_result(*item)
-                except Exception as exc:  # keep draining so the compute thread never blocks
-                    info.sink_error = f"{type(exc).__name__}: {exc}"
-                    stop.set()
-        sink_done.set()
+        sink_loop(q_out, on_result, info, stop, sink_done)
 
     threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (reader, preprocessor, sinker)]
     for t in threads:

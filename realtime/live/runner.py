@@ -215,6 +215,25 @@ def output_paths(cfg: RunConfig, source_name: str) -> Dict[str, Optional[Path]]:
     return paths_for(cfg, source_name, REPO)
 
 
+def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions]:
+    """What one- and multi-stream runs set up alike: checks, threads, voting, device, the pipeline's
+    config and the sources' options; a problem is a UsageError."""
+    check_config(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
+                                    mask_window=cfg.mask_window, dilate=cfg.dilate)
+        device = pick_device(cfg.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    pcfg = PipelineConfig(voting=voting, fail_closed=cfg.fail_closed, max_frames=cfg.max_frames,
+                          realtime=cfg.realtime, audit=cfg.audit, imgsz=parse_imgsz(cfg.imgsz))
+    opts = SourceOptions(data=cfg.data, image_fps=cfg.fps, timeout=cfg.timeout, model=cfg.model, patch=cfg.patch,
+                         reconnect=cfg.reconnect, patch_start=cfg.patch_start, patch_frames=cfg.patch_frames)
+    return device, pcfg, opts
+
+
 def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
     """A whole live run: build, stream, write the outputs and the summary; returns (exit status, summary).
 
@@ -228,21 +247,9 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
         return run_multi(cfg, specs)
     if specs[0] != cfg.source or cfg.sources:
         cfg = dataclasses.replace(cfg, source=specs[0], sources=())
-    check_config(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
-                                    mask_window=cfg.mask_window, dilate=cfg.dilate)
-        device = pick_device(cfg.device)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(str(exc)) from None
-    pcfg = PipelineConfig(voting=voting, fail_closed=cfg.fail_closed, max_frames=cfg.max_frames,
-                          realtime=cfg.realtime, audit=cfg.audit, imgsz=parse_imgsz(cfg.imgsz))
+    device, pcfg, opts = prepare(cfg)
     seen = signals.mark()
-    source = open_source(cfg.source, SourceOptions(data=cfg.data, image_fps=cfg.fps, timeout=cfg.timeout,
-                                                   model=cfg.model, patch=cfg.patch, reconnect=cfg.reconnect,
-                                                   patch_start=cfg.patch_start, patch_frames=cfg.patch_frames))
+    source = open_source(cfg.source, opts)
     info = RunInfo()
     try:
         paths = output_paths(cfg, source.name)
