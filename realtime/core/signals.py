@@ -81,6 +81,11 @@ def handled(restore: bool = True) -> Iterator[None]:
             _restore(previous)
         else:
             _state["defer"] += 1
+            # The interpreter's teardown resets Python-level handlers to the default action, so a signal
+            # landing then (a second Ctrl-C) would kill the process after its outputs were finalised and
+            # replace the exit status; handlers set to SIG_IGN are left alone by the teardown.
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
 
 
 @contextmanager
