@@ -22,7 +22,7 @@ from torch import nn
 from .cache import atomic_path, cache_key, safe_name
 from .config import EngineConfig, EngineError
 from .defended_graph import DefendedGraph, PlainGraph, output_names
-from .onnx_export import INPUT_NAME, read_metadata
+from .onnx_export import INPUT_NAME, read_metadata, save_with_metadata
 
 FORMAT = "zmask-defended-onnx/1"
 
@@ -73,11 +73,7 @@ def export_module(module: nn.Module, outputs: Tuple[str, ...], cfg: EngineConfig
         for d in shape:
             dims.add().dim_value = int(d)
     onnx.checker.check_model(proto)
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(out))
+    save_with_metadata(proto, meta, out)
 
 
 def _as_tuple(out: Any) -> Tuple[torch.Tensor, ...]:

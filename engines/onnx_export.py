@@ -59,6 +59,16 @@ def onnx_path(cfg: EngineConfig, model_name: str, key: str) -> Path:
     return cfg.cache_root() / "onnx" / f"{safe_name(model_name)}-{key}.onnx"
 
 
+def save_with_metadata(proto: "onnx.ModelProto", meta: Dict[str, str], out: Path) -> None:
+    """Replace the model's metadata with ``meta`` (what cache hits are checked against) and save it."""
+    import onnx
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(out))
+
+
 def read_metadata(path: Path) -> Dict[str, str]:
     """The ``zmask.*`` metadata of an ONNX file ({} when unreadable)."""
     import onnx
@@ -85,11 +95,7 @@ def _export(model: nn.Module, layers: Sequence[str], cfg: EngineConfig, precisio
                           dynamic_axes=axes, opset_version=cfg.opset, dynamo=False, do_constant_folding=True)
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(out))
+    save_with_metadata(proto, meta, out)
 
 
 def export_onnx(model: nn.Module, layers: Sequence[str], cfg: EngineConfig, fingerprint: str, model_name: str,

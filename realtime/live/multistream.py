@@ -28,8 +28,8 @@ import torch
 from realtime.core import signals
 from realtime.core.errors import UsageError
 
-from .pipeline import PipelineConfig, RunInfo, Work, _put, sink_loop
-from .sources import Source, SourceDied, SourceError, make_queue
+from .pipeline import PipelineConfig, RunInfo, Work, _put, record_source_failure, sink_loop
+from .sources import Source, make_queue
 from .step import DefenseStep, StepResult
 
 STREAMS_SUFFIX = ".streams"
@@ -118,10 +118,8 @@ def _reader(s: Stream, cfg: PipelineConfig, arrived: threading.Event, stop: thre
             info.dropped = s.q.dropped
             if not ok:
                 break
-    except SourceError as exc:
-        info.source_error, info.source_died = str(exc), isinstance(exc, SourceDied) or info.read > 0
     except Exception as exc:  # any decoder failure ends this stream cleanly with what was processed
-        info.source_error, info.source_died = f"source failed: {type(exc).__name__}: {exc}", info.read > 0
+        record_source_failure(info, exc)
     finally:
         _put(s.q, None, s.stop)
         arrived.set()

@@ -107,6 +107,15 @@ def _get(q: Any, stop: threading.Event) -> Any:
     return None
 
 
+def record_source_failure(info: RunInfo, exc: Exception) -> None:
+    """How a reader's exception ends its stream: the message, and whether the source died mid-stream
+    (exit 3) rather than failing before its first frame (exit 2)."""
+    if isinstance(exc, SourceError):
+        info.source_error, info.source_died = str(exc), isinstance(exc, SourceDied) or info.read > 0
+    else:
+        info.source_error, info.source_died = f"source failed: {type(exc).__name__}: {exc}", info.read > 0
+
+
 def sink_loop(q_out: "queue.Queue[Any]", on_result: Callable[..., None], info: RunInfo, stop: threading.Event,
               done: threading.Event) -> None:
     """The sink thread: ``on_result(*item)`` for every queued item until ``None``; the item's last element
@@ -164,10 +173,8 @@ def run_pipeline(source: Source, engine: Step, on_result: Callable[[Work, StepRe
                 info.dropped = q_in.dropped + q_pre.dropped
                 if not ok:
                     break
-        except SourceError as exc:
-            info.source_error, info.source_died = str(exc), isinstance(exc, SourceDied) or info.read > 0
         except Exception as exc:  # any decoder failure ends the run cleanly with what was processed
-            info.source_error, info.source_died = f"source failed: {type(exc).__name__}: {exc}", info.read > 0
+            record_source_failure(info, exc)
         finally:
             _put(q_in, None, stop)
 
