@@ -26,6 +26,7 @@ from realtime.models import build_model, fingerprint, list_models, model_arg, mo
 
 from .apply import PATCH_SIZES_1024x2048, CaptureConfig, Placement, load_patch_png, random_patch, save_patch_png
 from .eot import EOTConfig, craft_universal_patch
+from .scene import SceneConfig
 
 
 def _patch_hw(text: str) -> Tuple[int, int]:
@@ -53,6 +54,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--nps-weight", type=float, default=0.0)
     p.add_argument("--loss", choices=("untargeted", "ce"), default="untargeted")
     p.add_argument("--capture", choices=("physical", "none"), default="physical", help="EOT capture preset")
+    p.add_argument("--placement", choices=("random", "scene"), default="random",
+                   help="random: axis-aligned anywhere (digital EOT); scene: posters on the frames' facades in "
+                        "perspective, occluded by foreground objects (physical EOT, through the demo's renderer)")
     p.add_argument("--no-grad-norm", action="store_true", help="do not normalise each loss's gradient")
     p.add_argument("--limit", type=int, default=None, help="only the first N frames of the split")
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     tv_weight=args.tv_weight, nps_weight=args.nps_weight, normalize_grads=not args.no_grad_norm,
                     loss=args.loss, capture=CaptureConfig.physical() if args.capture == "physical"
                     else CaptureConfig.none(), placement=Placement("random"), seed=args.seed,
+                    scene=SceneConfig() if args.placement == "scene" else None,
                     checkpoint_every=args.checkpoint_every, amp=args.amp)
     meta = {"model": args.model, "weights": str(args.weights), "fingerprint": fingerprint(model),
             "size": cfg.size if args.hw is None else "custom", "seed": args.seed, "split": args.split,
@@ -149,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     tail = history[-min(len(history), 20):]
     final = {k: sum(h[k] for h in tail) / max(len(tail), 1) for k in ("loss", "adv", "acc")}
-    kind = "eot" if extra is None else ("beta" if args.beta is not None else f"adv-{args.defense_aware}")
+    meta.update(placement=args.placement)
+    kind = ("eot-physical" if args.placement == "scene" else "eot") if extra is None else ("beta" if args.beta is not None else f"adv-{args.defense_aware}")
     meta.update(kind=kind, hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]), steps=cfg.steps,
                 final_loss=final["loss"], final_adv_loss=final["adv"], final_train_accuracy_outside=final["acc"],
                 frames=len(images), seconds=round(time.time() - t0, 1), env=describe(dev), config=asdict(cfg),

@@ -1,7 +1,8 @@
 """Universal EOT adversarial patch against a segmentation model (zmask.md section 5).
 
 Objective per step, on a random mini-batch of training frames with a random placement and capture
-transform (expectation over transformations):
+transform (expectation over transformations); with ``scene`` set the placement is physical instead:
+posters on each frame's facades in perspective, occluded by its foreground objects (``.scene``):
 
     total = beta * L_adv + (1 - beta) * L_extra + tv_weight * TV + nps_weight * NPS
 
@@ -30,6 +31,7 @@ from realtime.data import IGNORE_INDEX
 from realtime.core.devices import autocast
 
 from .apply import CaptureConfig, Placement, apply_patch, patch_size_for
+from .scene import SceneConfig, SceneSampler
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 HISTORY_KEYS: Tuple[str, ...] = ("loss", "adv", "extra", "tv", "nps", "acc")
@@ -58,6 +60,7 @@ class EOTConfig:
     beta: float = 1.0                             # weight of L_adv vs the extra_loss hook (1 - beta)
     capture: CaptureConfig = field(default_factory=CaptureConfig.physical)
     placement: Placement = field(default_factory=Placement)
+    scene: Optional[SceneConfig] = None           # physical EOT: posters on the frames' facades (labels)
     seed: int = 0
     checkpoint_every: int = 50
     amp: bool = False                             # bf16 autocast for the model on CUDA
@@ -199,6 +202,7 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
     patch, opt, gen, start, history = start_patch(hw, cfg.seed, cfg.lr, device, init, checkpoint, cfg.identity())
     images, labels = images_u8.to(device), labels_u8.to(device)
     palette = torch.tensor(cfg.palette, dtype=torch.float32, device=device)
+    scene = SceneSampler(labels_u8, cfg.scene, cfg.seed) if cfg.scene is not None else None
     was_training = model.training
     model.eval()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="eot", unit="step",
@@ -207,7 +211,10 @@ def craft_universal_patch(model: torch.nn.Module, images_u8: torch.Tensor, label
         for step in bar:
             idx = torch.randperm(n, generator=gen)[:cfg.batch_size].to(device)
             x, y = images[idx].float() / 255, labels[idx].long()
-            patched, mask = apply_patch(x, patch, cfg.placement, cfg.capture, gen)
+            if scene is not None:
+                patched, mask = scene.apply(x, patch, idx.tolist(), cfg.capture, gen)
+            else:
+                patched, mask = apply_patch(x, patch, cfg.placement, cfg.capture, gen)
             with autocast(device, cfg.amp):
                 logits = model(patched)
             logits = logits.float()

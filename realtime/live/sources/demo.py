@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from realtime.attacks import CaptureConfig, load_patch_png, render_quads
+from realtime.attacks.scene import (BUILDING, OCCLUDERS, ROAD, Quad, convex, place_poster, poster_ok,  # noqa: F401
+                                    quad_area, quad_fill, scene_capture, track_quad, vanishing_point)
 from realtime.data import DataNotFoundError, resolve_data_dir
 from realtime.data.paths import ENV_VAR, lookup_disabled
 from realtime.live.sources.base import Frame, Source, SourceError
@@ -45,10 +47,6 @@ from realtime.live.sources.camvid import CAMVID_VIDEO_FPS, open_sequence
 from realtime.live.sources.demo_clip import CLIP_DIR, CLIP_SEQUENCE, CLIP_SPLIT, ClipView
 
 LIBRARY = Path(__file__).resolve().parents[2] / "attacks" / "library"
-BUILDING, ROAD = 1, 3
-OCCLUDERS = (2, 5, 6, 7, 8, 9, 10)      # pole, tree, sign, fence, car, pedestrian, bicyclist
-
-Quad = np.ndarray                        # (4,2) float64 corners (x, y): TL, TR, BR, BL
 
 
 @dataclass(frozen=True)
@@ -81,111 +79,7 @@ class DemoConfig:
 
 def capture_config() -> CaptureConfig:
     """The physical-capture simulation minus its geometric jitter (geometry comes from the scene)."""
-    return dataclasses.replace(CaptureConfig.physical(), p_geometric=0.0)
-
-
-def vanishing_point(label: np.ndarray) -> Tuple[float, float]:
-    """(x, y) of the far end of the road region; the frame's upper centre when no road is labelled."""
-    h, w = label.shape
-    rows = np.nonzero((label == ROAD).sum(1) >= 3)[0]
-    if rows.size == 0:
-        return w / 2.0, 0.42 * h
-    top = rows[0]
-    band = label[top: top + max(3, h // 30)] == ROAD
-    xs = np.nonzero(band)[1]
-    return float(xs.mean()), float(top)
-
-
-def quad_fill(quad: Quad, shape: Tuple[int, int]) -> np.ndarray:
-    """HxW bool raster of a quad (pixel centres inside)."""
-    m = np.zeros(shape, np.uint8)
-    cv2.fillConvexPoly(m, np.round(quad * 16).astype(np.int32), 1, lineType=cv2.LINE_8, shift=4)
-    return m.astype(bool)
-
-
-def quad_area(quad: Quad) -> float:
-    x, y = quad[:, 0], quad[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def convex(quad: Quad) -> bool:
-    e = np.roll(quad, -1, 0) - quad
-    cross = e[:, 0] * np.roll(e, -1, 0)[:, 1] - e[:, 1] * np.roll(e, -1, 0)[:, 0]
-    return bool((cross > 1e-6).all())
-
-
-def place_poster(label: np.ndarray, near_scale: float) -> Optional[Quad]:
-    """A poster on the facade of the more built-up side, None if no candidate lies on a building.
-
-    The near-edge height is ``near_scale * |vx - x|`` (a fixed-size print: image size falls with the
-    distance, which grows towards the vanishing point). Candidates are tried from mid-distance
-    outwards; the first that lies >= 85 % on building pixels wins, else the best-covered one.
-    """
-    h, w = label.shape
-    bld = label == BUILDING
-    left = bld[:, : w // 2].sum() >= bld[:, w // 2:].sum()
-    vx, vy = vanishing_point(label)
-    best, best_cov = None, 0.0
-    for frac in (0.18, 0.12, 0.24, 0.06, 0.30):
-        xn = w * frac if left else w * (1 - frac)
-        col = bld[:, int(np.clip(xn, 0, w - 1))]
-        if not col.any() or abs(vx - xn) < 40:
-            continue
-        hn = near_scale * abs(vx - xn)
-        yb = float(np.nonzero(col)[0].max()) - 0.15 * hn      # just above the facade's base line
-        yt = yb - hn
-        xf = xn + (0.9 * hn if left else -0.9 * hn)
-        if (left and xf >= vx - 10) or (not left and xf <= vx + 10) or yt < 0:
-            continue
-        s = (xf - vx) / (xn - vx)                              # far-edge scale along lines to the VP
-        quad = np.array([[xn, yt], [xf, vy + (yt - vy) * s], [xf, vy + (yb - vy) * s], [xn, yb]])
-        if not left:
-            quad = quad[[1, 0, 3, 2]]                            # keep TL, TR, BR, BL order
-        if not convex(quad):
-            continue
-        inside = quad_fill(quad, (h, w))
-        cov = float(bld[inside].mean()) if inside.any() else 0.0
-        if cov >= 0.85:
-            return quad
-        if cov > best_cov:
-            best, best_cov = quad, cov
-    return best if best_cov >= 0.5 else None
-
-
-def track_quad(prev_rgb: np.ndarray, rgb: np.ndarray, prev_label: np.ndarray, quad: Quad,
-               min_inliers: int) -> Optional[Quad]:
-    """The quad moved by the facade homography between two clean frames; None when tracking fails."""
-    h, w = prev_label.shape
-    g0 = cv2.cvtColor(prev_rgb, cv2.COLOR_RGB2GRAY)
-    g1 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    x0, y0 = np.floor(quad.min(0) - 60).astype(int)
-    x1, y1 = np.ceil(quad.max(0) + 60).astype(int)
-    roi = np.zeros((h, w), np.uint8)
-    roi[max(y0, 0): max(y1, 0), max(x0, 0): max(x1, 0)] = 255
-    roi[prev_label != BUILDING] = 0
-    p0 = cv2.goodFeaturesToTrack(g0, maxCorners=300, qualityLevel=0.01, minDistance=5, mask=roi)
-    if p0 is None or len(p0) < min_inliers:
-        return None
-    p1, st, _ = cv2.calcOpticalFlowPyrLK(g0, g1, p0, None, winSize=(21, 21), maxLevel=3)
-    back, st2, _ = cv2.calcOpticalFlowPyrLK(g1, g0, p1, None, winSize=(21, 21), maxLevel=3)
-    ok = (st.ravel() == 1) & (st2.ravel() == 1) & (np.linalg.norm((back - p0).reshape(-1, 2), axis=1) < 1.0)
-    if ok.sum() < min_inliers:
-        return None
-    hom, inl = cv2.findHomography(p0[ok], p1[ok], cv2.RANSAC, 2.0)
-    if hom is None or inl is None or int(inl.sum()) < min_inliers:
-        return None
-    moved = cv2.perspectiveTransform(quad.reshape(1, 4, 2).astype(np.float64), hom).reshape(4, 2)
-    return moved if convex(moved) else None
-
-
-def poster_ok(quad: Quad, label: np.ndarray, area0: float) -> bool:
-    """Still a usable poster: mostly in frame, on the facade, not grown past 3x its first size."""
-    h, w = label.shape
-    inside = quad_fill(quad, (h, w))
-    area = quad_area(quad)
-    if area <= 0 or inside.sum() < 0.7 * area or area > 3.0 * area0:
-        return False
-    return float((label[inside] == BUILDING).mean()) >= 0.4
+    return scene_capture()
 
 
 def open_demo_view(cfg: DemoConfig, data: Optional[str]) -> Tuple[object, dict]:
@@ -254,7 +148,9 @@ class DemoSource(Source):
         img[y0:y1, x0:x1][m[y0:y1, x0:x1]] = out[m[y0:y1, x0:x1]]
         return img, m
 
-    def __iter__(self) -> Iterator[Frame]:
+    def scenes(self) -> Iterator[Tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(k, camvid frame, clean image, shown image, gt mask, label)`` per frame: the clean twin of
+        every rendered frame, for benchmarks that score clean, attacked and defended side by side."""
         # The embedded clip carries the full renderer's poster track (quads tracked on the original
         # frames) for the default settings; replaying it keeps the geometry identical to a CamVid run.
         replay = getattr(self.view, "poster_track", lambda key: None)(self.cfg.track_key())
@@ -285,6 +181,10 @@ class DemoSource(Source):
             self.quads.append(None if quad is None else quad.copy())
             self.poster_ids.append(self.posters)
             prev = (img, lab)
+            yield k, int(number), img, shown, gt, lab
+
+    def __iter__(self) -> Iterator[Frame]:
+        for k, number, _clean, shown, gt, lab in self.scenes():
             yield Frame(index=k, image=np.ascontiguousarray(shown),
                         timestamp=(number - self._first) / CAMVID_VIDEO_FPS, gt_mask=gt, label=lab,
-                        meta={"camvid_frame": int(number), "patched": bool(gt.any())})
+                        meta={"camvid_frame": number, "patched": bool(gt.any())})
