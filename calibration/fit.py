@@ -22,25 +22,28 @@ plus the random-noise patches and half-contrast twins of the ``simple`` set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from realtime.defenses.artifact import Calibration
 from calibration.collect import channel_stats, layer_heatmaps
 from calibration.footage import FootageConfig, craft_patches, pseudo_labels, read_footage
-from calibration.fusion_train import best_mask_threshold, scores, train_fusion
+from calibration.grow import choose_grow
+from calibration.fusion_train import MASK_THRESHOLDS, best_mask_threshold, scores, train_fusion
 from calibration.patched_set import library_patches, make_sources, patch_frames
 from calibration.plots import plot_heatmaps, plot_roc
 from calibration.roc import roc_report
 from calibration.select_layers import mask_to_work, pick_layers, rank_layers, ranking_markdown
 from realtime.core.cli import parse_hw, run_job, write_json
 from realtime.attacks import CaptureConfig
+from realtime.attacks.scene import SceneSampler
 from realtime.data import CamVid
-from realtime.defenses import ChannelStats, SPRConfig, ZMaskConfig, aggregate
+from realtime.defenses import ChannelStats, SPRConfig, ZMask, ZMaskConfig, aggregate
 from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models, model_arg, model_slug
 from realtime.models.registry import model_task
@@ -83,10 +86,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--craft-sizes", default="S,M,L", help="--frames: patch sizes to craft")
     p.add_argument("--craft-batch", type=int, default=4, help="--frames: frames per crafting step")
     p.add_argument("--time-budget", type=float, default=None, help="--frames: seconds for all the crafting")
+    p.add_argument("--placement", default="random", choices=["random", "scene", "mixed"],
+                   help="patched calibration twins: random (axis-aligned anywhere), scene (posters on the frames' "
+                        "facades in perspective with occlusion, as a camera sees a print; labels, or the model's own "
+                        "predictions with --frames), mixed (every other frame each)")
     p.add_argument("--max-fpr", type=float, default=0.01)
     p.add_argument("--mask-threshold", default="0.5",
                    help="threshold on the soft mask M~ (paper: 0.5), or 'auto': the best pooled IoU with the true "
                         "patch masks on the patched calibration frames")
+    p.add_argument("--grow", default="off", choices=["off", "auto"],
+                   help="mask growing on flagged frames (ZMaskConfig.grow_threshold): auto = the clean-frame "
+                        "quantile of the fine shallow map with the best mask IoU on the flagged patched twins")
     p.add_argument("--fusion-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -109,15 +119,27 @@ def training_sources(args: argparse.Namespace, hw, fp: str, task: str = "segment
     return make_sources(hw, crafted, seed=args.seed, task=task, include_random=args.sources != "crafted")
 
 
-def calibration_frames(args: argparse.Namespace) -> Tuple[torch.Tensor, str]:
-    """(uint8 frames, where they came from): the unlabeled ``--frames`` footage, else the CamVid split."""
+def calibration_frames(args: argparse.Namespace) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
+    """(uint8 frames, their labels or None, where they came from): the unlabeled ``--frames`` footage,
+    else the CamVid split."""
     if args.frames:
         images = read_footage(FootageConfig(args.frames, max_frames=args.max_frames, every=args.every,
                                             size=tuple(args.imgsz)))
-        return images[: args.stats_frames or len(images)], f"footage {args.frames} (no labels)"
+        return images[: args.stats_frames or len(images)], None, f"footage {args.frames} (no labels)"
     ds = CamVid(args.data, args.split)
-    images, _ = ds.to_tensors(range(min(len(ds), args.stats_frames or len(ds))), progress=True)
-    return images, f"CamVid {args.split}"
+    images, labels = ds.to_tensors(range(min(len(ds), args.stats_frames or len(ds))), progress=True)
+    return images, labels, f"CamVid {args.split}"
+
+
+def scene_sampler(args: argparse.Namespace, model: torch.nn.Module, frames: torch.Tensor,
+                  labels: Optional[torch.Tensor]) -> Optional[SceneSampler]:
+    """Facade posters for the patched twins (``--placement scene|mixed``): on the labels, or on the
+    model's own predictions when the footage has none."""
+    if args.placement == "random":
+        return None
+    if labels is None:
+        labels = pseudo_labels(model, frames, args.batch_size)
+    return SceneSampler(labels, seed=args.seed)
 
 
 def footage_sources(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, hw, fp: str, task: str):
@@ -139,7 +161,7 @@ def fit(args: argparse.Namespace) -> dict:
     model = build_model(args.model, weights=args.weights, device=dev)
     fp = fingerprint(model)
     spec = model.layers()
-    images, origin = calibration_frames(args)
+    images, labels, origin = calibration_frames(args)
     h, w = images.shape[-2:]
     task = model_task(model)
     if not 0 < args.work_scale <= 1:
@@ -158,7 +180,9 @@ def fit(args: argparse.Namespace) -> dict:
         sources, crafted_info = footage_sources(args, model, images, (h, w), fp, task)
     else:
         sources = training_sources(args, (h, w), fp, task)
-    patched, masks, src_names = patch_frames(clean_u8, sources, seed=args.seed, capture=CaptureConfig.physical())
+    scene = scene_sampler(args, model, clean_u8, labels[fit_idx] if labels is not None else None)
+    patched, masks, src_names = patch_frames(clean_u8, sources, seed=args.seed, capture=CaptureConfig.physical(),
+                                             scene=scene, placement=args.placement)
     gt_work = mask_to_work(masks, spr.work_size)
     hm_clean = layer_heatmaps(model, candidates, clean_u8, stats, spr, args.batch_size, "heatmaps clean")
     hm_patch = layer_heatmaps(model, candidates, patched, stats, spr, args.batch_size, "heatmaps patched")
@@ -184,6 +208,18 @@ def fit(args: argparse.Namespace) -> dict:
     cfg = ZMaskConfig(shallow=tuple(shallow), deep=tuple(deep), spr=spr, lambda0=rep.chosen.threshold,
                       mask_threshold=mask_thr)
     used = list(dict.fromkeys([*shallow, *deep]))
+    grow_info = None
+    if args.grow == "auto":
+        zm = ZMask(model, cfg, ChannelStats({k: stats.mu[k] for k in used}, {k: stats.sigma[k] for k in used}), block)
+        try:
+            seeds = MASK_THRESHOLDS if args.mask_threshold == "auto" else (mask_thr,)
+            grow_info = choose_grow(zm, clean_u8, patched, gt_work, args.batch_size, mask_thresholds=seeds)
+        finally:
+            zm.taps.remove()
+        if grow_info["threshold"] is not None:
+            mask_thr = grow_info["mask_threshold"]
+            cfg = dataclasses.replace(cfg, mask_threshold=mask_thr, grow_threshold=grow_info["threshold"],
+                                      grow_steps=grow_info["steps"])
     cal = Calibration(
         model_name=args.model, fingerprint=fp, input_size=(h, w), config=cfg,
         stats=ChannelStats({k: stats.mu[k] for k in used}, {k: stats.sigma[k] for k in used}),
@@ -191,7 +227,8 @@ def fit(args: argparse.Namespace) -> dict:
         extra={"ranking": [r.to_dict() for r in ranking], "layer_choice": args.shallow and "explicit" or args.layers,
                "estimator": "pooled per-channel mean/std over all working-grid pixels (Chan parallel update, float64)",
                "stats_frames": len(images), "fit_frames": n, "split": args.split, "frames": origin,
-               "crafted_patches": crafted_info,
+               "crafted_patches": crafted_info, "placement": args.placement, "grow": grow_info,
+               "scene_coverage": scene.coverage() if scene is not None else None,
                "sources": sorted(set(src_names)), "task": task,
                "mask_threshold": {"chosen": mask_thr, "rule": args.mask_threshold, "iou_by_threshold": mask_ious}, "fusion_history": history, "env": describe(dev),
                "seconds": round(time.time() - t0, 1)})
@@ -211,7 +248,7 @@ def fit(args: argparse.Namespace) -> dict:
         f"# Layer ranking for {args.model} ({n} clean + {n} patched frames, {origin})\n\n"
         + ranking_markdown(ranking, shallow, deep) + "\n")
     summary = {"artifact": str(out), "model": args.model, "fingerprint": fp, "shallow": shallow, "deep": deep,
-               "lambda0": cfg.lambda0, "mask_threshold": mask_thr, "mask_iou_by_threshold": mask_ious, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],
+               "lambda0": cfg.lambda0, "mask_threshold": mask_thr, "mask_iou_by_threshold": mask_ious, "grow": grow_info, "auc": rep.auc, "chosen": rep.to_dict()["chosen"],
                "youden": rep.to_dict()["youden"], "fusion": block.to_dict(), "seconds": round(time.time() - t0, 1)}
     write_json(report / "fit.json", summary)
     return summary

@@ -5,7 +5,10 @@ beta-controlled patches with beta >= 0.5 -- adversarial patches of graded over-a
 ``simple`` (before a beta set exists): uniform-noise patches at the S/M/L sizes, crafted EOT patches,
 and each crafted patch again at half contrast around mid-grey.
 Every frame gets one source (round robin), a random placement inside the frame and, optionally, the
-physical-capture simulation. Seeded: the same call gives the same set.
+physical-capture simulation. With a ``SceneSampler`` (``placement`` 'scene' or 'mixed') the patch is
+rendered instead as a poster on the frame's facade in perspective, occluded by foreground objects, as
+the demo and the physical benchmark show it (all frames, or every other frame for 'mixed').
+Seeded: the same call gives the same set.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from realtime.attacks import CaptureConfig, Placement, apply_patch, load_patch_png, patch_size_for, random_patch
+from realtime.attacks.scene import SceneSampler
+
+PLACEMENTS = ("random", "scene", "mixed")
 
 
 @dataclass
@@ -66,16 +72,28 @@ def make_sources(input_hw: Tuple[int, int], crafted: Sequence[Tuple[str, torch.T
 
 @torch.no_grad()
 def patch_frames(images_u8: torch.Tensor, sources: Sequence[PatchSource], seed: int = 0,
-                 capture: Optional[CaptureConfig] = None, batch_size: int = 16
+                 capture: Optional[CaptureConfig] = None, batch_size: int = 16,
+                 scene: Optional[SceneSampler] = None, placement: str = "random"
                  ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """One patched twin per frame: ``(float frames (N,3,H,W), masks (N,1,H,W), source names)``."""
+    """One patched twin per frame: ``(float frames (N,3,H,W), masks (N,1,H,W), source names)``.
+
+    ``scene`` (built on these frames' labels) renders posters for ``placement`` 'scene' (every frame)
+    or 'mixed' (odd frames; even frames keep the random placement); names of rendered twins end in '@scene'."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement != "random" and scene is None:
+        raise ValueError(f"placement {placement!r} needs a SceneSampler over the frames' labels")
     g = torch.Generator().manual_seed(seed)
     out, masks, names = [], [], []
     for i in range(len(images_u8)):
         src = sources[i % len(sources)]
         x = images_u8[i:i + 1].float() / 255
-        px, m = apply_patch(x, src.patch, Placement(mode="random"), capture, generator=g)
+        rendered = placement == "scene" or (placement == "mixed" and i % 2 == 1)
+        if rendered:
+            px, m = scene.apply(x, src.patch, [i], capture, g)
+        else:
+            px, m = apply_patch(x, src.patch, Placement(mode="random"), capture, generator=g)
         out.append(px)
         masks.append(m)
-        names.append(src.name)
+        names.append(src.name + ("@scene" if rendered else ""))
     return torch.cat(out), torch.cat(masks), names

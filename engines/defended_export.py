@@ -45,7 +45,9 @@ def calibration_digest(cal: Any) -> str:
     h.update(json.dumps({"shallow": list(c.shallow), "deep": list(c.deep), "lambda0": c.lambda0,
                          "mask_threshold": c.mask_threshold, "work": list(c.spr.work_size),
                          "ks": [list(k) for k in c.spr.kernels_shallow], "kd": [list(k) for k in c.spr.kernels_deep],
-                         "mode": c.spr.mode, "fusion": cal.fusion}, sort_keys=True).encode())
+                         "mode": c.spr.mode, "fusion": cal.fusion,
+                         **({"grow": [c.grow_threshold, c.grow_steps]} if c.grow_threshold is not None else {})},
+                        sort_keys=True).encode())
     for n in c.layers:
         h.update(cal.stats.mu[n].detach().float().cpu().numpy().tobytes())
         h.update(cal.stats.sigma[n].detach().float().cpu().numpy().tobytes())

@@ -186,7 +186,17 @@ class DefendedGraph(nn.Module):
 
         h_s = aggregate([cascade(n, spr.kernels_shallow) for n in cfg.shallow])
         h_d = aggregate([cascade(n, spr.kernels_deep) for n in cfg.deep])
+        self._fine = aggregate([terms[(n, tuple(spr.kernels_shallow[-1]))] for n in cfg.shallow])
         return h_s, h_d
+
+    def grow(self, soft: torch.Tensor) -> torch.Tensor:
+        """``ZMask.grow`` unrolled (a fixed ``grow_steps`` MaxPool steps; extra steps after convergence are
+        no-ops, so this equals the reference's early exit)."""
+        seed = soft > self.mask_threshold
+        allowed = self._fine > float(self.cfg.grow_threshold)
+        for _ in range(int(self.cfg.grow_steps)):
+            seed = torch.logical_or(torch.logical_and(F.max_pool2d(seed.float(), 3, 1, 1) > 0.5, allowed), seed)
+        return torch.where(seed, torch.ones_like(soft), soft)
 
     # ---------------------------------------------------------------- fusion, flag, mask
     def fuse(self, h_s: torch.Tensor, h_d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +220,8 @@ class DefendedGraph(nn.Module):
         h_s, h_d = self.heatmaps(taps)
         soft, score = self.fuse(h_s, h_d)
         flag = score > self.lambda0
-        keep = self.keep_mask(soft, flag, (x.shape[-2], x.shape[-1]))
+        grown = self.grow(soft) if getattr(self.cfg, "grow_threshold", None) is not None else soft
+        keep = self.keep_mask(grown, flag, (x.shape[-2], x.shape[-1]))
         if self.head == "labels":
             return labels_of(logits), score, flag, keep
         return logits, h_s, h_d, soft, score, flag, keep

@@ -86,6 +86,7 @@ class GraphDetections:
     """ZMask heatmap router over the defended graph's outputs (``use`` / ``heatmaps`` / ``detect``)."""
 
     mode = "onnxruntime-graph"
+    grows = True                   # the graph grows the keep-mask itself (DefendedGraph.grow)
 
     def __init__(self, zmask: Any, engine: DefendedOrtEngine) -> None:
         self._zm = weakref.ref(zmask)
@@ -109,6 +110,9 @@ class GraphDetections:
             mask = (torch.ones(keep.shape, dtype=soft.dtype) if not bool(flagged.any())
                     else keep.to(soft.dtype))
         else:                                   # a threshold override: flag and mask from d and M~
+            if zm.cfg.grow_threshold is not None:
+                raise ValueError("a threshold override with a mask-growing calibration needs the fine map, which the "
+                                 "defended graph does not output: run it with --engine torch, or re-export")
             flagged = score > lam
             mask = zm.input_mask(soft, flagged, size)
         return Detection(taps[PREFIX + "h_s"], taps[PREFIX + "h_d"], soft, score, flagged, mask)

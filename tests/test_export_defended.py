@@ -89,6 +89,32 @@ def test_random_batches_dynamic_batch_and_standard_ops(ddrnet, tmp_path):
     _compare(zm, sess_low, plain, x)
 
 
+def test_mask_growing_in_the_graph_matches_the_reference(ddrnet, tmp_path):
+    """A growing calibration: the graph's unrolled growth gives the reference's keep-mask (flag on every frame)."""
+    import dataclasses
+    model, cal = ddrnet
+    hw = (96, 128)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, *hw, generator=g)
+    x[:, :, 20:70, 30:110] = torch.rand(2, 3, 50, 80, generator=g) ** 4
+    probe = cal.build_zmask(model)
+    with torch.inference_mode():
+        h_s, h_d, fine = probe.reference_maps(probe.taps(x)[1])
+        soft = probe.fusion(h_s, h_d)[0]
+    probe.taps.remove()
+    cfg = dataclasses.replace(cal.config, lambda0=-1.0, mask_threshold=0.9 * float(soft.amax((1, 2, 3)).min()),
+                              grow_threshold=float(fine.median()), grow_steps=12)
+    cal_g = dataclasses.replace(cal, config=cfg)
+    _, sess, plain = _sessions(model, cal_g, hw, tmp_path)
+    zm = cal_g.build_zmask(model)
+    _compare(zm, sess, plain, x)
+    with torch.inference_mode():
+        grown = (zm(x).mask < 0.5).sum()
+        zm.cfg = dataclasses.replace(cfg, grow_threshold=None)
+        plain_masked = (zm(x).mask < 0.5).sum()
+    assert int(grown) > int(plain_masked)          # growing did add masked pixels here
+
+
 def test_zmask_on_onnxruntime_runs_the_defended_graph(ddrnet, tmp_path):
     model, cal = ddrnet
     hw = (96, 128)

@@ -10,6 +10,8 @@ channels each tapped layer really has, so a broken or foreign calibration is ref
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -106,6 +108,8 @@ class Calibration:
             "lambda0": self.config.lambda0, "mask_threshold": self.config.mask_threshold,
             "fusion": self.fusion, "roc": roc, "stats_layers": list(self.stats.mu), "extra": self.extra,
         }
+        if self.config.grow_threshold is not None:      # absent from artifacts made without mask growing
+            header["grow"] = {"threshold": self.config.grow_threshold, "steps": self.config.grow_steps}
         save_file(tensors, str(path), metadata={"zmask": json.dumps(header)})
         return path
 
@@ -166,6 +170,12 @@ def _from_header(h: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Calibra
     cfg = ZMaskConfig(shallow=tuple(h["shallow"]), deep=tuple(h["deep"]), spr=spr,
                       lambda0=_finite(h["lambda0"], "lambda0"),
                       mask_threshold=_finite(h["mask_threshold"], "mask_threshold"))
+    grow = h.get("grow")
+    if grow is not None:
+        if not isinstance(grow, dict) or not isinstance(grow.get("steps"), int) or not 0 <= grow["steps"] <= 1024:
+            raise ValueError(f"grow must be {{'threshold': number, 'steps': int in 0..1024}}, got {grow!r}")
+        cfg = dataclasses.replace(cfg, grow_threshold=_finite(grow.get("threshold"), "grow.threshold"),
+                                  grow_steps=grow["steps"])
     fusion = h["fusion"]
     if not isinstance(fusion, dict):
         raise ValueError(f"fusion must be an object of 8 numbers, got {fusion!r}")

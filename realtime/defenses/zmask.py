@@ -47,13 +47,19 @@ class ChannelStats:
 class ZMaskConfig:
     """Hooked layers (module names), SPR settings, detection threshold on d, and soft-mask threshold.
 
-    ``check_finite`` rejects NaN/inf inputs (one device sync per call)."""
+    ``check_finite`` rejects NaN/inf inputs (one device sync per call). ``grow_threshold`` (None: off)
+    turns on mask growing on flagged frames: the thresholded soft mask is grown, ``grow_steps`` 3x3
+    steps at the working size, over the cells whose fine shallow map (the shallow layers' smallest-kernel
+    SPR term, max over layers) exceeds it -- so a poster found by its most over-activated part is masked
+    whole, as far as it over-activates, and nothing unconnected to the detection is masked."""
     shallow: Tuple[str, ...]
     deep: Tuple[str, ...]
     spr: SPRConfig
     lambda0: float = 0.0
     mask_threshold: float = 0.5
     check_finite: bool = True
+    grow_threshold: Optional[float] = None
+    grow_steps: int = 24
 
     def __post_init__(self) -> None:
         if isinstance(self.shallow, str) or isinstance(self.deep, str):
@@ -175,6 +181,12 @@ class ZMask(nn.Module):
 
     def reference_heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``heatmaps`` in plain torch (differentiable, any device): the oracle of the fused kernels."""
+        h_s, h_d, _fine = self.reference_maps(taps)
+        return h_s, h_d
+
+    def reference_maps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H_S, H_D, fine map): the fine map is the shallow layers' smallest-kernel SPR term, max over
+        layers (N,1,HR,WR) -- the finest over-activation evidence, used to grow the mask."""
         spr = self.cfg.spr
         missing = [n for n in self.cfg.layers if n not in taps]
         if missing:
@@ -197,7 +209,20 @@ class ZMask(nn.Module):
         h_s = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_shallow])
                          for n in self.cfg.shallow])
         h_d = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_deep]) for n in self.cfg.deep])
-        return h_s, h_d
+        fine = aggregate([terms[(n, tuple(spr.kernels_shallow[-1]))] for n in self.cfg.shallow])
+        return h_s, h_d, fine
+
+    def grow(self, soft: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """M~ with the cells reached by growing its thresholded part over ``fine > grow_threshold`` set to 1
+        (geodesic dilation, ``grow_steps`` 3x3 steps; not differentiable, used for the keep-mask only)."""
+        seed = soft.detach() > self.cfg.mask_threshold
+        allowed = fine.detach() > float(self.cfg.grow_threshold)
+        for _ in range(self.cfg.grow_steps):
+            nxt = (torch.nn.functional.max_pool2d(seed.to(soft.dtype), 3, 1, 1) > 0.5) & allowed | seed
+            if bool(torch.equal(nxt, seed)):
+                break
+            seed = nxt
+        return torch.where(seed, torch.ones_like(soft), soft.detach())
 
     def input_mask(self, soft: torch.Tensor, flagged: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """Binary keep-mask (N,1,H,W): 0 where M~ > threshold on flagged frames, 1 elsewhere.
@@ -230,16 +255,24 @@ class ZMask(nn.Module):
         pipeline, the defense interface) run exactly the same steps; ``timer(stage)`` (optional) wraps
         the heatmaps, fusion and mask stages (the fused kernels do all three under "heatmaps")."""
         timer = timer or (lambda _stage: nullcontext())
-        if self._fused is not None and self._fused.use(taps, with_fusion=True):
+        growing = self.cfg.grow_threshold is not None
+        # A router that grows the mask itself (the defended ONNX graph) keeps the whole detection; one that
+        # does not (the fused kernels emit no fine map) leaves a growing calibration to the reference.
+        if (self._fused is not None and (not growing or getattr(self._fused, "grows", False))
+                and self._fused.use(taps, with_fusion=True)):
             with timer("heatmaps"):
                 return self._fused.detect(taps, size)
         with timer("heatmaps"):
-            h_s, h_d = self.heatmaps(taps)
+            if growing:                   # the fine map comes from the reference (the kernels do not emit it)
+                h_s, h_d, fine = self.reference_maps(taps)
+            else:
+                h_s, h_d = self.heatmaps(taps)
         with timer("fusion"):
             soft, score = self.fusion(h_s, h_d)
             flagged = score.detach() > self.cfg.lambda0
         with timer("mask"):
-            mask = self.input_mask(soft, flagged, size)
+            grown = self.grow(soft, fine) if growing and bool(flagged.any()) else soft
+            mask = self.input_mask(grown, flagged, size)
         return Detection(h_s, h_d, soft, score, flagged, mask)
 
     def second_pass(self, defended: torch.Tensor, flagged: torch.Tensor, output: Any) -> Any:
