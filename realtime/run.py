@@ -98,6 +98,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="frames a detected mask is propagated while the alarm is on")
     p.add_argument("--dilate", type=int, default=VotingConfig.dilate, help="pixels of motion margin on a propagated mask")
     p.add_argument("--no-propagate", action="store_true", help="never mask a frame before its first pass")
+    p.add_argument("--motion", action="store_true",
+                   help="move a propagated mask with the scene's motion (a tracked homography) instead of carrying it "
+                        "in place; try it with --dilate 6")
     p.add_argument("--fail-closed", action="store_true",
                    help="a frame whose defense fails gets NO output (marked unsafe) instead of an undefended one")
     p.add_argument("--box-threshold", type=float, default=0.4,

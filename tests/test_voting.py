@@ -113,3 +113,69 @@ def test_tune_ranks_quiet_fast_configs_first(tmp_path):
                             % ("true" if f else "false", "true" if i >= 3 else "false")
                             for i, f in enumerate(patched[0][0])))
     assert main(["--clean", str(ev), "--patched", str(pe), "--max-n", "3", "--top", "2"]) == 0
+
+
+# --------------------------------------------------------------------------- motion compensation
+
+def _texture(h: int = 120, w: int = 160, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    small = rng.random((h // 8, w // 8))
+    import cv2
+    return (cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 1) * 255).astype("uint8")
+
+
+def test_motion_estimate_recovers_a_shift_and_moves_the_mask():
+    import numpy as np
+    from realtime.live.motion import estimate_motion, warp_mask
+    prev = _texture()
+    cur = np.roll(prev, (3, 6), axis=(0, 1))                 # the scene moved 6 px right, 3 px down
+    region = np.zeros(prev.shape, bool)
+    region[40:70, 50:90] = True
+    hom = estimate_motion(prev, cur, region)
+    assert hom is not None and abs(hom[0, 2] - 6) < 0.5 and abs(hom[1, 2] - 3) < 0.5
+    m = torch.from_numpy(region.astype("float32")).view(1, 1, *region.shape)
+    moved = warp_mask(m, hom)[0, 0].numpy() > 0.5
+    assert moved[43:73, 56:96].mean() > 0.95 and moved.sum() == pytest.approx(region.sum(), rel=0.05)
+    assert estimate_motion(prev, np.zeros_like(prev), region) is None       # nothing to track: no motion
+
+
+def test_step_moves_carried_masks_with_the_scene():
+    """A flagged frame's mask is carried into the next frames and follows the scene when motion is on."""
+    import numpy as np
+    from realtime.defenses.base import Defense, DefenseResult
+    from realtime.live.step import DefenseStep
+
+    class Spot(Defense):
+        name, masks, flags, accepts_prior = "spot", True, True, True
+
+        def __init__(self):
+            super().__init__(torch.nn.Identity())
+            self.calls = 0
+
+        def run(self, x, timer, prior=None):
+            self.calls += 1
+            flag = torch.tensor([self.calls <= 2])                      # detects on the first two frames only
+            keep = torch.ones_like(x[:, :1])
+            if bool(flag[0]):                                           # the spot moves with the scene
+                shift = 4 * (self.calls - 1)
+                keep[..., 40:70, 50 + shift:90 + shift] = 0
+            if prior is not None:
+                keep = torch.minimum(keep, prior)
+            return DefenseResult(output=torch.cat([x[:, :1], 1 - x[:, :1]], 1), defended_input=x, mask=keep,
+                                 flagged=flag, score=flag.float(), first_output=None)
+
+    frames = [np.roll(_texture(), (0, 4 * k), axis=(0, 1)) for k in range(5)]
+    def run(motion):
+        step = DefenseStep(Spot(), VotingConfig(k=2, n=3, m=3, dilate=0, motion=motion), torch.device("cpu"))
+        out = []
+        for f in frames:
+            x = torch.from_numpy(np.repeat(f[None], 3, 0)).float().div(255)[None]
+            out.append(step.step(x))
+        return out
+    still, moving = run(False), run(True)
+    assert still[2].carried and moving[2].carried
+    cols = lambda r: (int(np.nonzero(r.masked)[1].min()), int(np.nonzero(r.masked)[1].max()))   # noqa: E731
+    assert cols(still[3]) == (50, 93)                    # the two detections (50:90, 54:94) carried in place
+    lo, hi = cols(moving[3])                             # both moved with the scene to where the spot is now
+    assert abs(lo - 62) <= 1 and abs(hi - 101) <= 1

@@ -68,6 +68,7 @@ class RunConfig:
     mask_window: int = 3
     dilate: int = 16
     no_propagate: bool = False
+    motion: bool = False                      # move propagated masks with the scene (motion compensation)
     fail_closed: bool = False
     box_threshold: float = 0.4
     show: bool = False

@@ -223,7 +223,7 @@ def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions
         torch.set_num_threads(cfg.threads)
     try:
         voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
-                                    mask_window=cfg.mask_window, dilate=cfg.dilate)
+                                    mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)
         device = pick_device(cfg.device)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None

@@ -12,6 +12,9 @@ backbone runs. If the masked first pass is then clean, the frame needs no second
 the patch is hidden where it was last seen, which counts as a positive vote). Carried frames add
 nothing to the ring, so a stale mask expires ``mask_window`` frames after the last real detection;
 the next frame is then analysed unmasked and either re-detects the patch or votes clean.
+With ``motion`` (opt-in, ``--motion``) the ring's masks are moved by the scene's motion between frames first (the patch is
+a plane: a homography tracked around the mask, ``realtime.live.motion``), so the carried mask follows
+a poster the car drives past instead of lagging behind it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class VotingConfig:
     propagate: bool = True
     mask_window: int = 3                 # frames a fresh detection mask keeps being propagated
     dilate: int = 16                     # pixels of dilation on the propagated mask (motion margin)
+    motion: bool = False                 # move carried masks with the scene (``realtime.live.motion``); opt-in:
+                                         # it helped DDRNet and hurt BiSeNet on the physical benchmark
 
     def __post_init__(self) -> None:
         if self.n < 1 or not 1 <= self.k <= self.n:
@@ -61,7 +66,8 @@ class VotingConfig:
     def describe(self) -> str:
         if not self.enabled:
             return "off"
-        prop = f", propagate {self.mask_window} frames +{self.dilate}px" if self.propagate else ", no propagation"
+        prop = (f", propagate {self.mask_window} frames +{self.dilate}px{', motion-compensated' if self.motion else ''}"
+                if self.propagate else ", no propagation")
         return f"{self.k}/{self.n} to raise, {self.m} clean to clear{prop}"
 
 
@@ -85,6 +91,17 @@ class TemporalVoter:
         self.alarm = False
         self.negatives = 0
         self.raises = 0
+        self.last_gray = None            # the previous frame's luminance while masks are carried (motion)
+        self.moved = 0                   # ring updates made by motion compensation
+
+    def holds_masks(self) -> bool:
+        """Whether any propagated mask is in the ring (then the next frame's motion is worth estimating)."""
+        return any(m is not None for m in self.ring)
+
+    def move(self, warp) -> None:
+        """Apply ``warp(mask) -> mask`` to every mask in the ring (motion compensation)."""
+        self.ring = deque((None if m is None else warp(m) for m in self.ring), maxlen=self.cfg.mask_window)
+        self.moved += 1
 
     def propagated(self) -> Optional[torch.Tensor]:
         """(1,1,H,W) float masked-region (1 = mask) to apply before the backbone, or None."""
@@ -118,6 +135,7 @@ class TemporalVoter:
             self.alarm, cleared = False, True
             self.window.clear()
             self.ring.clear()
+            self.last_gray = None
             positives = 0
         return VoteState(vote, self.alarm, raised, cleared, positives)
 
