@@ -36,7 +36,7 @@ from realtime.data import CamVid, resolve_data_dir
 from realtime.defenses import registry
 from realtime.defenses.registry import DefenseContext
 from realtime.core.devices import describe, pick_device
-from realtime.models import build_model, fingerprint, list_models, model_slug
+from realtime.models import build_model, fingerprint, list_models, model_arg, model_slug
 
 from .robustness_conditions import CAPTURES, LIBRARY, capture_config, resolve_conditions
 from .robustness_report import DEFAULT_DIR, model_markdown, write_outputs
@@ -147,8 +147,7 @@ def run(cfg: RobustnessConfig) -> Dict:
     """Measure every (defense, condition) cell (reusing saved ones with ``resume``) and summarise."""
     root = resolve_data_dir(cfg.data)
     validate_split(root, cfg.split)
-    if cfg.model not in list_models():
-        raise KeyError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
+    model_arg(cfg.model)                  # a registered name or an external spec (torchvision:NAME, pkg.mod:f)
     if cfg.batch < 1 or cfg.every < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise ValueError("--batch, --every and --limit must be positive")
     capture = capture_config(cfg.capture)
