@@ -41,6 +41,7 @@ from realtime.data import CamVid
 from realtime.defenses.artifact import load_calibration
 from realtime.defenses.registry import DefenseContext, build_defense
 from realtime.live.sources.demo import DemoConfig, DemoSource
+from realtime.live.pipeline import preprocess
 from realtime.live.step import DefenseStep, to_label
 from realtime.live.voting import VotingConfig, simulate
 from realtime.models import build_model, fingerprint, model_arg, model_slug
@@ -89,7 +90,8 @@ def sha(path: Path) -> str:
 
 
 def frame_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255).to(device)
+    """(1,3,H,W) in [0,1] on ``device``: the live pipeline's own preprocessing at the frame's size."""
+    return preprocess(img, None, device)[1]
 
 
 class Bench:
@@ -189,7 +191,6 @@ def attacked_run(bench: Bench, seq: str, seed: int, bar: Optional[tqdm] = None) 
 
 def run(cfg: PhysicalConfig) -> Dict:
     t0 = time.time()
-    torch.set_grad_enabled(False)
     path = patch_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"patch {path} not found (craft it with python -m realtime.attacks.craft "
