@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
+from realtime.core.metrics import ConfusionMatrix
 from realtime.data import IGNORE_INDEX, NUM_CLASSES
 
 # The label maps scored on patched frames: the clean twin, the attacked frame, Z-Mask on it (single frame),
@@ -20,18 +22,17 @@ OUTPUTS = ("clean", "attacked", "defended", "live", "oracle")
 
 def confusion(pred: np.ndarray, label: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(C,C) int64 confusion matrix (rows truth) over ``valid`` pixels with a real label."""
-    keep = valid & (label != IGNORE_INDEX) & (label >= 0) & (label < NUM_CLASSES)
-    idx = label[keep].astype(np.int64) * NUM_CLASSES + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=NUM_CLASSES * NUM_CLASSES).reshape(NUM_CLASSES, NUM_CLASSES)
+    cm = ConfusionMatrix(NUM_CLASSES, IGNORE_INDEX)
+    cm.update(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(label)), torch.from_numpy(valid))
+    return cm.mat.numpy()
 
 
 def miou(mat: np.ndarray) -> float:
-    """Mean IoU over the classes present in truth or prediction."""
-    m = mat.astype(np.float64)
-    inter = np.diag(m)
-    union = m.sum(0) + m.sum(1) - inter
-    ok = union > 0
-    return float((inter[ok] / union[ok]).mean()) if ok.any() else float("nan")
+    """Mean IoU over the classes present in truth or prediction (``ConfusionMatrix.iou``)."""
+    cm = ConfusionMatrix(NUM_CLASSES, IGNORE_INDEX)
+    cm.mat = torch.from_numpy(np.asarray(mat, np.int64))
+    present = [v for v in cm.iou().tolist() if v == v]
+    return sum(present) / len(present) if present else float("nan")
 
 
 @dataclass

@@ -181,12 +181,14 @@ class ZMask(nn.Module):
 
     def reference_heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``heatmaps`` in plain torch (differentiable, any device): the oracle of the fused kernels."""
-        h_s, h_d, _fine = self.reference_maps(taps)
+        h_s, h_d, _ = self.reference_maps(taps, with_fine=False)
         return h_s, h_d
 
-    def reference_maps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def reference_maps(self, taps: Dict[str, torch.Tensor], with_fine: bool = True
+                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(H_S, H_D, fine map): the fine map is the shallow layers' smallest-kernel SPR term, max over
-        layers (N,1,HR,WR) -- the finest over-activation evidence, used to grow the mask."""
+        layers (N,1,HR,WR) -- the finest over-activation evidence, used to grow the mask (None unless
+        ``with_fine``)."""
         spr = self.cfg.spr
         missing = [n for n in self.cfg.layers if n not in taps]
         if missing:
@@ -209,7 +211,8 @@ class ZMask(nn.Module):
         h_s = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_shallow])
                          for n in self.cfg.shallow])
         h_d = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_deep]) for n in self.cfg.deep])
-        fine = aggregate([terms[(n, tuple(spr.kernels_shallow[-1]))] for n in self.cfg.shallow])
+        fine = (aggregate([terms[(n, tuple(spr.kernels_shallow[-1]))] for n in self.cfg.shallow])
+                if with_fine else None)
         return h_s, h_d, fine
 
     def grow(self, soft: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:

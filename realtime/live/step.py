@@ -26,7 +26,6 @@ from realtime.core.types import StageTimer
 from realtime.defenses.base import Defense
 
 from .clock import Clock, Timings
-from .motion import estimate_motion, gray, warp_mask
 from .sinks.boxes import Boxes, to_boxes
 from .voting import TemporalVoter, VotingConfig
 
@@ -188,27 +187,14 @@ class DefenseStep:
             rows.append(1.0 - p if p is not None else ones)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-    def _follow(self, x: torch.Tensor, voters: Sequence[TemporalVoter]) -> None:
-        """Motion compensation: move each voter's carried masks with its stream's scene motion."""
-        if not (self.voting.motion and self.voting.propagate and self.defense.accepts_prior):
-            return
-        for i, voter in enumerate(voters):
-            if not voter.holds_masks():
-                voter.last_gray = None
-                continue
-            cur = gray(x[i])
-            if voter.last_gray is not None:
-                region = torch.stack([m for m in voter.ring if m is not None]).amax(0)[0, 0] > 0.5
-                hom = estimate_motion(voter.last_gray, cur, region.cpu().numpy())
-                if hom is not None:
-                    voter.move(lambda m, h=hom: warp_mask(m, h))
-            voter.last_gray = cur
-
     def _step(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings) -> List[StepResult]:
         n = x.shape[0]
-        t0 = self.clock.mark(host=True)
-        self._follow(x, voters)
-        tm.add("vote", t0, self.clock.mark(host=True))
+        motion = self.voting.motion and self.voting.propagate and self.defense.accepts_prior
+        if motion:              # move each stream's carried masks with its scene before they are applied
+            t0 = self.clock.mark(host=True)
+            for i, voter in enumerate(voters):
+                voter.follow(x[i])
+            tm.add("vote", t0, self.clock.mark(host=True))
         props = [v.propagated() if self.defense.accepts_prior else None for v in voters]
         prior = self._prior(props, x)
         res = self.defense(x, self._timer(tm), prior=prior)
@@ -221,9 +207,8 @@ class DefenseStep:
         votes = []
         for i, (voter, prop, flagged) in enumerate(zip(voters, props, flags)):
             fresh = 1.0 - detected[i:i + 1] if flagged and detected is not None else None
-            votes.append(voter.update(flagged, fresh, prop is not None and not flagged))
-            if fresh is not None and voter.last_gray is None and self.voting.motion:
-                voter.last_gray = gray(x[i])            # the frame the fresh mask was found on
+            votes.append(voter.update(flagged, fresh, prop is not None and not flagged,
+                                      frame=x[i] if motion else None))
         tm.add("vote", t0, self.clock.mark(host=True))
         t1 = self.clock.mark()
         outs = decode_batch(res.output, n, self.task)

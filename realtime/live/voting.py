@@ -22,9 +22,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from realtime.core.types import dilate
+
+from .motion import estimate_motion, gray, warp_mask
 
 
 @dataclass(frozen=True)
@@ -91,17 +94,23 @@ class TemporalVoter:
         self.alarm = False
         self.negatives = 0
         self.raises = 0
-        self.last_gray = None            # the previous frame's luminance while masks are carried (motion)
-        self.moved = 0                   # ring updates made by motion compensation
+        self.last_gray: Optional[np.ndarray] = None   # luminance of the frame the ring's masks are aligned to
 
-    def holds_masks(self) -> bool:
-        """Whether any propagated mask is in the ring (then the next frame's motion is worth estimating)."""
-        return any(m is not None for m in self.ring)
-
-    def move(self, warp) -> None:
-        """Apply ``warp(mask) -> mask`` to every mask in the ring (motion compensation)."""
-        self.ring = deque((None if m is None else warp(m) for m in self.ring), maxlen=self.cfg.mask_window)
-        self.moved += 1
+    def follow(self, frame: torch.Tensor) -> None:
+        """Motion compensation (``cfg.motion``): move the ring's masks from the last frame to ``frame``
+        (3,H,W) by the homography tracked around them; they stay in place when tracking fails."""
+        masks = [m for m in self.ring if m is not None]
+        if not masks:
+            self.last_gray = None
+            return
+        cur = gray(frame)
+        if self.last_gray is not None:
+            region = torch.stack(masks).amax(0)[0, 0] > 0.5
+            hom = estimate_motion(self.last_gray, cur, region.cpu().numpy())
+            if hom is not None:
+                self.ring = deque((None if m is None else warp_mask(m, hom) for m in self.ring),
+                                  maxlen=self.cfg.mask_window)
+        self.last_gray = cur
 
     def propagated(self) -> Optional[torch.Tensor]:
         """(1,1,H,W) float masked-region (1 = mask) to apply before the backbone, or None."""
@@ -114,11 +123,15 @@ class TemporalVoter:
         acc = dilate(acc, self.cfg.dilate)
         return acc if bool(acc.any()) else None
 
-    def update(self, detected: bool, fresh_mask: Optional[torch.Tensor] = None, carried: bool = False
-               ) -> VoteState:
-        """Record one frame: ``detected`` (fresh flag), its masked region, and whether it was carried."""
+    def update(self, detected: bool, fresh_mask: Optional[torch.Tensor] = None, carried: bool = False,
+               frame: Optional[torch.Tensor] = None) -> VoteState:
+        """Record one frame: ``detected`` (fresh flag), its masked region, and whether it was carried;
+        ``frame`` (3,H,W), with ``cfg.motion``: the frame a first fresh mask is aligned to."""
         vote = bool(detected or carried)
-        self.ring.append(fresh_mask.detach().float() if (detected and fresh_mask is not None) else None)
+        fresh = detected and fresh_mask is not None
+        self.ring.append(fresh_mask.detach().float() if fresh else None)
+        if fresh and self.cfg.motion and self.last_gray is None and frame is not None:
+            self.last_gray = gray(frame)
         if not self.cfg.enabled:
             raised, cleared = vote and not self.alarm, self.alarm and not vote
             self.alarm = vote

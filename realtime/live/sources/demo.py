@@ -27,19 +27,16 @@ renderer runs on either; ``DemoSource.info`` (and the run summary) says which on
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 
-from realtime.attacks import CaptureConfig, load_patch_png, render_quads
-from realtime.attacks.scene import (BUILDING, OCCLUDERS, ROAD, Quad, convex, place_poster, poster_ok,  # noqa: F401
-                                    quad_area, quad_fill, scene_capture, track_quad, vanishing_point)
+from realtime.attacks import load_patch_png, render_quads
+from realtime.attacks.scene import OCCLUDERS, Quad, place_poster, poster_ok, quad_area, scene_capture, track_quad
 from realtime.data import DataNotFoundError, resolve_data_dir
 from realtime.data.paths import ENV_VAR, lookup_disabled
 from realtime.live.sources.base import Frame, Source, SourceError
@@ -75,11 +72,6 @@ class DemoConfig:
         """The settings the poster geometry depends on (not the patch, seed or occlusion)."""
         return {"sequence": self.sequence, "patch_start": self.patch_start, "patch_frames": self.patch_frames,
                 "poster_scale": self.poster_scale, "min_inliers": self.min_inliers}
-
-
-def capture_config() -> CaptureConfig:
-    """The physical-capture simulation minus its geometric jitter (geometry comes from the scene)."""
-    return scene_capture()
 
 
 def open_demo_view(cfg: DemoConfig, data: Optional[str]) -> Tuple[object, dict]:
@@ -138,7 +130,7 @@ class DemoSource(Source):
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.posters)
         crop = torch.from_numpy(img[y0:y1, x0:x1]).permute(2, 0, 1)[None].float().div(255)
         q = torch.from_numpy(quad - np.array([x0, y0], np.float64))[None]
-        patched, mask = render_quads(crop, self.patch, q, capture_config(), gen)
+        patched, mask = render_quads(crop, self.patch, q, scene_capture(), gen)
         out = patched[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
         m = np.zeros((h, w), bool)
         m[y0:y1, x0:x1] = mask[0, 0].numpy() > 0.5
