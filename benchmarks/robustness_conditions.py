@@ -102,7 +102,12 @@ def load_condition(model: str, name: str, library: Path = LIBRARY) -> Condition:
         "beta" if beta else f"adv-{adv['kind']}")
     alpha = float(adv["alpha"]) if adv else None
     return Condition(name, kind, patch, str(path), float(beta["beta"]) if beta else None, alpha,
-                     hashlib.sha256(path.read_bytes()).hexdigest()[:16], meta)
+                     patch_sha256(path), meta)
+
+
+def patch_sha256(path: Path) -> str:
+    """Short content hash of a patch PNG: a resumed run notices a re-crafted patch."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def resolve_conditions(model: str, requested: Optional[Sequence[str]], fingerprint: str,
@@ -157,5 +162,5 @@ def paste(x: torch.Tensor, patch: Optional[torch.Tensor], frame_indices: Sequenc
     return torch.cat(outs), torch.cat(masks)
 
 
-__all__ = ["CAPTURES", "Condition", "DETECTION_EXTRA", "LIBRARY", "TABLE4", "capture_config", "frame_generator",
+__all__ = ["CAPTURES", "Condition", "patch_sha256", "DETECTION_EXTRA", "LIBRARY", "TABLE4", "capture_config", "frame_generator",
            "known_condition", "library_conditions", "load_condition", "paste", "resolve_conditions"]

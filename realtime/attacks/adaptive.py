@@ -25,6 +25,7 @@ class TappedForward(nn.Module):
         self.model = model
         self.taps = ActivationTaps(model, layers)
         self.last: Dict[str, torch.Tensor] = {}
+        self.eval()       # a new Module is in training mode: crafting would restore BN/dropout training after
 
     def forward(self, x: torch.Tensor):
         out, self.last = self.taps(x)

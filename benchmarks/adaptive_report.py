@@ -1,0 +1,115 @@
+"""Numbers, markdown table and frontier plot of an adaptive-attack run (``benchmarks.adaptive``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from realtime.data import CLASSES, IGNORE_INDEX
+
+from .robustness_metrics import detection_metrics, miou_from_confusion, sum_counts
+from .robustness_runner import Cell
+
+FLAG_BAR, UNDONE_BAR, KEPT_BAR = 0.90, 0.70, 0.30      # issue 22's pass rule for one frontier point
+
+
+def _miou(rows) -> float:
+    return float(miou_from_confusion(rows, CLASSES, IGNORE_INDEX)["miou"])
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return num / den if den > 1e-9 else None
+
+
+def summarize_point(cells: Dict[Tuple[str, str], Cell], name: str) -> Dict:
+    """One frontier point: damage with and without Z-Mask, relative to the plain EOT patch, and detection.
+
+    Clean mIoU is scored outside the L patch's place (the same pixels as the patched columns); damage
+    kept = (clean - mIoU) / (clean - plain EOT undefended mIoU); undone = the part of the point's own
+    undefended damage the defense removes."""
+    clean_cell = cells[("none", "none")]
+    clean = _miou(clean_cell.confusion_outside_l or clean_cell.confusion)
+    undef = _miou(cells[("none", name)].confusion)
+    zcell = cells[("zmask", name)]
+    defended = _miou(zcell.confusion)
+    plain = clean - _miou(cells[("none", "eot_L")].confusion)
+    flagged = np.asarray(zcell.flagged, dtype=bool)
+    det = detection_metrics(cells[("zmask", "none")].scores, zcell.scores)
+    clean_flags = np.asarray(cells[("zmask", "none")].flagged, dtype=bool)
+    mask = sum_counts(np.asarray(zcell.mask_counts), zcell.pixels_per_frame).summary()
+    kept_def = _ratio(clean - defended, plain)
+    undone = _ratio(defended - undef, clean - undef)
+    flag_rate = float(flagged.mean())
+    caught = flag_rate >= FLAG_BAR and (undone is None or undone >= UNDONE_BAR)
+    harmless = kept_def is not None and kept_def <= KEPT_BAR
+    return {"clean": clean, "undefended": undef, "defended": defended,
+            "damage_kept_undefended": _ratio(clean - undef, plain), "damage_kept_defended": kept_def,
+            "damage_undone": undone, "flag_rate": flag_rate, "clean_fpr": float(clean_flags.mean()),
+            "auc": det["auc"], "tpr_at_1pct_fpr": det["tpr_at_fpr"], "mask_iou": mask["iou"],
+            "mean_score": float(np.mean(zcell.scores)), "passes": bool(caught or harmless),
+            "why": "flagged and undone" if caught else "harmless" if harmless else
+                   "flagged, too little undone" if flag_rate >= FLAG_BAR else "evades with damage"}
+
+
+def _f(v: Optional[float], pct: bool = False) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.0%}" if pct else f"{v:.3f}"
+
+
+def frontier_markdown(res: Dict) -> str:
+    """The frontier as a table, one row per patch, plain EOT first."""
+    s = res["settings"]
+    lines = [f"# Adaptive frontier: `{s['model']}`, calibration `{Path(s['calibration']).name}`", "",
+             f"White-box patches (L, warm-started from the library EOT L patch, {s['steps']} steps x batch "
+             f"{s['batch_size']} on {s['craft_split']}), measured on {s['split']} ({s['eval']}). Device: "
+             f"{res['env'].get('device', res['env'])}.", "",
+             "Damage kept is relative to the plain EOT L patch's undefended damage. A point passes when it is "
+             f"flagged on >= {FLAG_BAR:.0%} of frames with >= {UNDONE_BAR:.0%} of its damage undone, or keeps "
+             f"<= {KEPT_BAR:.0%} of the damage after the defense.", "",
+             "| patch | undefended | Z-Mask | damage kept (undefended / defended) | undone | flagged | AUC | "
+             "TPR@1%FPR | mask IoU | passes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pts = res["points"]
+    clean = next(iter(pts.values()))["clean"] if pts else None
+    for name, p in pts.items():
+        lines.append(f"| {name} | {_f(p['undefended'])} | {_f(p['defended'])} | {_f(p['damage_kept_undefended'], True)}"
+                     f" / {_f(p['damage_kept_defended'], True)} | {_f(p['damage_undone'], True)} | "
+                     f"{_f(p['flag_rate'], True)} | {_f(p['auc'])} | {_f(p['tpr_at_1pct_fpr'], True)} | "
+                     f"{_f(p['mask_iou'])} | {'yes' if p['passes'] else 'no'} ({p['why']}) |")
+    if pts:
+        fpr = next(iter(pts.values()))["clean_fpr"]
+        lines += ["", f"Clean mIoU (outside the L place) {_f(clean)}; Z-Mask flags {fpr:.1%} of clean frames."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(res: Dict, path: Path) -> Optional[Path]:
+    """Damage kept after the defense against the flag rate, one marker per patch (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.axhspan(-0.1, KEPT_BAR, color="tab:green", alpha=0.12, label="harmless (kept <= 30 %)")
+    ax.axvspan(FLAG_BAR, 1.05, color="tab:blue", alpha=0.10, label="flagged >= 90 %")
+    for name, p in res["points"].items():
+        for key, marker, label in (("damage_kept_undefended", "o", "undefended"),
+                                   ("damage_kept_defended", "s", "with Z-Mask")):
+            if p[key] is None:
+                continue
+            ax.scatter(p["flag_rate"], p[key], marker=marker, color="tab:red" if not p["passes"] else "tab:green",
+                       alpha=0.5 if marker == "o" else 1.0)
+        ax.annotate(name, (p["flag_rate"], p["damage_kept_defended"] or 0), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("frames flagged by Z-Mask")
+    ax.set_ylabel("damage kept vs plain EOT L (o undefended, s defended)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_title(f"adaptive frontier: {res['settings']['model']} ({Path(res['settings']['calibration']).stem})")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
