@@ -50,6 +50,7 @@ from .robustness_runner import CellSettings, cell_signature, load_cell, run_cell
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / "benchmarks" / "results" / "adaptive"
+ZMASK_VARIANTS = ("zmask", "zmask_cue")
 ATTACKERS: Dict[str, WhiteBoxConfig] = {
     "full": WhiteBoxConfig(),
     "zscore": WhiteBoxConfig(score_weight=0.0, mask_weight=0.0, second_pass=False),
@@ -62,6 +63,8 @@ class AdaptiveConfig:
     model: str
     data: Optional[str] = None
     calibration: Optional[str] = None           # default calibration/shipped/<model>.safetensors
+    defense: str = "zmask"                      # the registered Z-Mask variant attacked and measured
+    also_measure: List[str] = field(default_factory=list)   # other defenses the same patches are measured on
     attackers: List[str] = field(default_factory=lambda: ["full"])
     betas: List[float] = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.3, 0.1])
     steps: int = 150
@@ -84,6 +87,8 @@ class AdaptiveConfig:
             raise KeyError(f"unknown attacker(s) {unknown}; available: {', '.join(ATTACKERS)}")
         if any(not 0.0 <= b <= 1.0 for b in self.betas) or not self.betas:
             raise ValueError(f"betas must be in [0, 1], got {self.betas}")
+        if self.defense not in ZMASK_VARIANTS or any(d not in ZMASK_VARIANTS for d in self.also_measure):
+            raise KeyError(f"the frontier attacks a Z-Mask variant: {', '.join(ZMASK_VARIANTS)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("--steps and --batch-size must be positive")
 
@@ -96,22 +101,25 @@ def calibration_path(cfg: AdaptiveConfig) -> Path:
 
 
 def run_tag(cfg: AdaptiveConfig) -> str:
-    """``<model>`` for the shipped calibration, ``<model>_<artifact stem>`` otherwise."""
+    """``<model>[_<artifact stem>][_<defense>]``: the shipped calibration and plain ``zmask`` add nothing."""
     slug = model_slug(cfg.model)
     stem = calibration_path(cfg).stem
-    return slug if stem == slug else f"{slug}_{stem}"
+    tag = slug if stem == slug else f"{slug}_{stem}"
+    return tag if cfg.defense == "zmask" else f"{tag}_{cfg.defense}"
 
 
 def point_name(attacker: str, beta: float) -> str:
     return f"{attacker}_b{beta:g}"
 
 
-def craft_point(model: torch.nn.Module, cal, images: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
+def craft_point(model: torch.nn.Module, ctx: DefenseContext, images: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
                 attacker: str, beta: float, cfg: AdaptiveConfig, folder: Path, dev: torch.device) -> Path:
     """Craft (or resume, or reuse) one frontier patch; returns its PNG."""
     png = folder / "patches" / f"{point_name(attacker, beta)}.png"
     spec = {"attacker": attacker, "whitebox": asdict(ATTACKERS[attacker]), "beta": beta, "steps": cfg.steps,
             "calibration": str(calibration_path(cfg)), "fingerprint": fingerprint(model)}
+    if cfg.defense != "zmask":
+        spec["defense"] = cfg.defense
     if png.is_file() and cfg.resume and load_patch_png(png)[1].get("spec") == spec:
         return png
     ckpt = png.with_name(png.stem + ".ckpt.pt")
@@ -124,7 +132,7 @@ def craft_point(model: torch.nn.Module, cal, images: torch.Tensor, labels: torch
     eot = EOTConfig(hw=tuple(init.shape[1:]), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, beta=beta,
                     seed=cfg.seed, checkpoint_every=10)
     with isolated_hooks(model):
-        zm = cal.build_zmask(model)
+        zm = make_defense(cfg.defense, ctx).zm           # the defense's own Z-Mask (with its cue, if any)
         fwd = DefendedForward(zm, second_pass=ATTACKERS[attacker].second_pass)
         extra = EvasionLoss(fwd, ATTACKERS[attacker])
         patch, history = craft_universal_patch(fwd, images, labels, eot, dev, progress=cfg.progress,
@@ -163,7 +171,8 @@ def run(cfg: AdaptiveConfig) -> Dict:
     cal_path = calibration_path(cfg)
     if not cal_path.is_file():
         raise FileNotFoundError(f"no Z-Mask calibration {cal_path}; fit one with python -m calibration.fit")
-    cal = load_calibration(cal_path, model)
+    load_calibration(cal_path, model)                   # refuses an artifact made for other weights, early
+    ctx = DefenseContext(model, cfg.model, device=dev, data=str(root), calibration=cal_path)
     plain_png = Path(cfg.library) / f"{model_slug(cfg.model)}_eot_L.png"
     if not plain_png.is_file():
         raise FileNotFoundError(f"no plain EOT L patch {plain_png} to warm-start from and compare with; "
@@ -173,7 +182,7 @@ def run(cfg: AdaptiveConfig) -> Dict:
     train = CamVid(root, cfg.craft_split)
     cidx = range(min(len(train), cfg.craft_limit)) if cfg.craft_limit else None
     c_images, c_labels = train.to_tensors(cidx, progress=cfg.progress)
-    pngs = {point_name(a, b): craft_point(model, cal, c_images, c_labels, init, a, b, cfg, folder, dev)
+    pngs = {point_name(a, b): craft_point(model, ctx, c_images, c_labels, init, a, b, cfg, folder, dev)
             for a in cfg.attackers for b in tqdm(cfg.betas, desc=f"frontier {a}", unit="point",
                                                   disable=not cfg.progress)}
     del c_images, c_labels
@@ -181,7 +190,6 @@ def run(cfg: AdaptiveConfig) -> Dict:
     idx = list(range(len(ds)))[:cfg.limit]
     images, labels = ds.to_tensors(idx, progress=cfg.progress)
     settings = CellSettings(cfg.model, fingerprint(model), cfg.split, len(idx), cfg.seed, "none", 1, str(dev), 1)
-    ctx = DefenseContext(model, cfg.model, device=dev, data=str(root), calibration=cal_path)
     conds = {"none": Condition("none", "clean"),
              "eot_L": Condition("eot_L", "eot", init, str(plain_png), sha256=patch_sha256(plain_png))}
     for name, png in pngs.items():
@@ -189,13 +197,14 @@ def run(cfg: AdaptiveConfig) -> Dict:
     partial = folder / "cells"
     cells = {(d, n): measure(model, n, d, c, images, labels, settings, ctx, partial, cfg, dev,
                              tuple(init.shape[1:]))
-             for n, c in conds.items() for d in ("none", "zmask")}
-    points = {n: summarize_point(cells, n) for n in conds if n != "none"}
+             for n, c in conds.items() for d in ("none", cfg.defense, *cfg.also_measure)}
+    points = {n: summarize_point(cells, n, cfg.defense) for n in conds if n != "none"}
+    also = {d: {n: summarize_point(cells, n, d) for n in conds if n != "none"} for d in cfg.also_measure}
     return {"settings": {**asdict(cfg), "calibration": str(cal_path), "tag": run_tag(cfg),
                          "attacker_configs": {a: asdict(ATTACKERS[a]) for a in cfg.attackers},
                          "eval": "every frame of the split, digital paste, seeded placement seed*100000+i "
                                  "(benchmarks.robustness protocol)"},
-            "env": describe(dev), "git_commit": git_commit(), "points": points}
+            "env": describe(dev), "git_commit": git_commit(), "points": points, "also_measured": also}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> AdaptiveConfig:
@@ -204,6 +213,8 @@ def parse_args(argv: Optional[List[str]] = None) -> AdaptiveConfig:
     p.add_argument("--model", required=True)
     p.add_argument("--data", default=None, help="CamVid root (else $REALTIME_DATA, else ../shared/datasets/camvid)")
     p.add_argument("--calibration", default=None, help="Z-Mask artifact attacked and defending (default: shipped)")
+    p.add_argument("--defense", default="zmask", help="Z-Mask variant attacked and measured: zmask or zmask_cue")
+    p.add_argument("--also-measure", default="", help="comma-separated defenses the same patches are also measured on")
     p.add_argument("--attackers", default="full", help=f"comma-separated: {', '.join(ATTACKERS)}")
     p.add_argument("--betas", default="1,0.7,0.5,0.3,0.1", help="weights of L_adv against evasion (1: pure damage)")
     p.add_argument("--steps", type=int, default=150, help="crafting steps per point (from the plain EOT L patch)")
@@ -224,7 +235,8 @@ def parse_args(argv: Optional[List[str]] = None) -> AdaptiveConfig:
         betas = [float(b) for b in a.betas.split(",") if b.strip()]
     except ValueError:
         p.error(f"--betas must be comma-separated numbers, got {a.betas!r}")
-    return AdaptiveConfig(model=a.model, data=a.data, calibration=a.calibration,
+    return AdaptiveConfig(model=a.model, data=a.data, calibration=a.calibration, defense=a.defense,
+                          also_measure=[s.strip() for s in a.also_measure.split(",") if s.strip()],
                           attackers=[s.strip() for s in a.attackers.split(",") if s.strip()], betas=betas,
                           steps=a.steps, batch_size=a.batch_size, lr=a.lr, craft_split=a.craft_split,
                           craft_limit=a.craft_limit, split=a.split, limit=a.limit, seed=a.seed, device=a.device,

@@ -22,7 +22,7 @@ def _ratio(num: float, den: float) -> Optional[float]:
     return num / den if den > 1e-9 else None
 
 
-def summarize_point(cells: Dict[Tuple[str, str], Cell], name: str) -> Dict:
+def summarize_point(cells: Dict[Tuple[str, str], Cell], name: str, defense: str = "zmask") -> Dict:
     """One frontier point: damage with and without Z-Mask, relative to the plain EOT patch, and detection.
 
     Clean mIoU is scored outside the L patch's place (the same pixels as the patched columns); damage
@@ -31,12 +31,12 @@ def summarize_point(cells: Dict[Tuple[str, str], Cell], name: str) -> Dict:
     clean_cell = cells[("none", "none")]
     clean = _miou(clean_cell.confusion_outside_l or clean_cell.confusion)
     undef = _miou(cells[("none", name)].confusion)
-    zcell = cells[("zmask", name)]
+    zcell = cells[(defense, name)]
     defended = _miou(zcell.confusion)
     plain = clean - _miou(cells[("none", "eot_L")].confusion)
     flagged = np.asarray(zcell.flagged, dtype=bool)
-    det = detection_metrics(cells[("zmask", "none")].scores, zcell.scores)
-    clean_flags = np.asarray(cells[("zmask", "none")].flagged, dtype=bool)
+    det = detection_metrics(cells[(defense, "none")].scores, zcell.scores)
+    clean_flags = np.asarray(cells[(defense, "none")].flagged, dtype=bool)
     mask = sum_counts(np.asarray(zcell.mask_counts), zcell.pixels_per_frame).summary()
     kept_def = _ratio(clean - defended, plain)
     undone = _ratio(defended - undef, clean - undef)
@@ -58,29 +58,36 @@ def _f(v: Optional[float], pct: bool = False) -> str:
     return f"{v:.0%}" if pct else f"{v:.3f}"
 
 
-def frontier_markdown(res: Dict) -> str:
-    """The frontier as a table, one row per patch, plain EOT first."""
-    s = res["settings"]
-    lines = [f"# Adaptive frontier: `{s['model']}`, calibration `{Path(s['calibration']).name}`", "",
-             f"White-box patches (L, warm-started from the library EOT L patch, {s['steps']} steps x batch "
-             f"{s['batch_size']} on {s['craft_split']}), measured on {s['split']} ({s['eval']}). Device: "
-             f"{res['env'].get('device', res['env'])}.", "",
-             "Damage kept is relative to the plain EOT L patch's undefended damage. A point passes when it is "
-             f"flagged on >= {FLAG_BAR:.0%} of frames with >= {UNDONE_BAR:.0%} of its damage undone, or keeps "
-             f"<= {KEPT_BAR:.0%} of the damage after the defense.", "",
-             "| patch | undefended | Z-Mask | damage kept (undefended / defended) | undone | flagged | AUC | "
+def _table(pts: Dict[str, Dict]) -> list:
+    lines = ["| patch | undefended | defended | damage kept (undefended / defended) | undone | flagged | AUC | "
              "TPR@1%FPR | mask IoU | passes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    pts = res["points"]
-    clean = next(iter(pts.values()))["clean"] if pts else None
     for name, p in pts.items():
         lines.append(f"| {name} | {_f(p['undefended'])} | {_f(p['defended'])} | {_f(p['damage_kept_undefended'], True)}"
                      f" / {_f(p['damage_kept_defended'], True)} | {_f(p['damage_undone'], True)} | "
                      f"{_f(p['flag_rate'], True)} | {_f(p['auc'])} | {_f(p['tpr_at_1pct_fpr'], True)} | "
                      f"{_f(p['mask_iou'])} | {'yes' if p['passes'] else 'no'} ({p['why']}) |")
     if pts:
-        fpr = next(iter(pts.values()))["clean_fpr"]
-        lines += ["", f"Clean mIoU (outside the L place) {_f(clean)}; Z-Mask flags {fpr:.1%} of clean frames."]
+        first = next(iter(pts.values()))
+        lines += ["", f"Clean mIoU (outside the L place) {_f(first['clean'])}; clean frames flagged "
+                      f"{first['clean_fpr']:.1%}."]
+    return lines
+
+
+def frontier_markdown(res: Dict) -> str:
+    """The frontier as a table, one row per patch, plain EOT first (and the same patches on other defenses)."""
+    s = res["settings"]
+    defense = s.get("defense", "zmask")
+    lines = [f"# Adaptive frontier: `{s['model']}`, `{defense}`, calibration `{Path(s['calibration']).name}`", "",
+             f"White-box patches against `{defense}` (L, warm-started from the library EOT L patch, {s['steps']} "
+             f"steps x batch {s['batch_size']} on {s['craft_split']}), measured on {s['split']} ({s['eval']}). "
+             f"Device: {res['env'].get('device', res['env'])}.", "",
+             "Damage kept is relative to the plain EOT L patch's undefended damage. A point passes when it is "
+             f"flagged on >= {FLAG_BAR:.0%} of frames with >= {UNDONE_BAR:.0%} of its damage undone, or keeps "
+             f"<= {KEPT_BAR:.0%} of the damage after the defense.", "", *_table(res["points"])]
+    for other, pts in (res.get("also_measured") or {}).items():
+        lines += ["", f"## The same patches measured on `{other}` (crafted against `{defense}`: transfer, "
+                      "not an adaptive attack on it)", "", *_table(pts)]
     return "\n".join(lines) + "\n"
 
 

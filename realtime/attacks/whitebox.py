@@ -7,8 +7,9 @@ It knows every step of the defense and attacks the output the user actually gets
   binary keep-mask are not differentiable: they are taken as they are (BPDA, identity on the pixels
   the mask keeps), so ``L_adv`` on this output pushes the patch to hurt *after* masking;
 * :class:`EvasionLoss` adds what makes the frame look clean to the detector: the mean |z| of every
-  hooked layer under the patch (on the SPR working grid: what Z-Mask sees), a hinge on the score d
-  above ``margin * lambda0``, and the soft mask M~ under the patch.
+  hooked layer under the patch (on the SPR working grid: what Z-Mask sees; the outlier cue's layers
+  too when the defense has one), a hinge on the score (d, or max(d, cue * lambda0) with the cue) above
+  ``margin * lambda0``, and the soft mask M~ under the patch.
 
 ``craft_universal_patch(DefendedForward(zm), ..., extra_loss=EvasionLoss(...))`` then optimises
 ``beta * L_adv(defended output) + (1 - beta) * evasion``; sweeping beta traces the attacker's
@@ -73,14 +74,21 @@ class DefendedForward(nn.Module):
 
 
 def zscore_under_patch(taps: Dict[str, torch.Tensor], mask: torch.Tensor, zmask: ZMask) -> torch.Tensor:
-    """(N,) mean over Z-Mask's layers of the mean |z| over channels and the patch's working-grid cells."""
+    """(N,) mean over the defense's layers of the mean |z| over channels and the patch's working-grid cells.
+
+    The layers are Z-Mask's and, for a Z-Mask with an outlier cue (``realtime.defenses.cue``), the cue's
+    too, each with its own clean statistics: the attacker hides from every layer the defense reads."""
     spr = zmask.cfg.spr
     cover = F.adaptive_avg_pool2d(mask.float(), spr.work_size)                   # (N,1,HR,WR)
     area = cover.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+    stats = [(name, zmask.stats.mu[name], zmask.stats.sigma[name]) for name in zmask.cfg.layers]
+    cue = getattr(zmask, "cue", None)
+    if cue is not None:
+        stats += [(name, cue.mu[name], cue.sigma[name]) for name in cue.layers]
     terms = []
-    for name in zmask.cfg.layers:
+    for name, mu, sigma in stats:
         f = taps[name].float()
-        z = zscore(to_work(f, spr), zmask.stats.mu[name].to(f.device), zmask.stats.sigma[name].to(f.device))
+        z = zscore(to_work(f, spr), mu.to(f.device), sigma.to(f.device))
         terms.append((z.abs().mean(dim=1, keepdim=True) * cover).sum(dim=(1, 2, 3)) / area)
     return torch.stack(terms).mean(dim=0)
 

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Modules whose import registers the built-in defenses.
 BUILTIN_MODULES = (
     "realtime.defenses.zmask_defense",      # zmask, none
+    "realtime.defenses.cue",                # zmask_cue
     "realtime.defenses.lgs",                # lgs, slgs, wlgs
     "realtime.defenses.overactivation",     # fpda, hn
     "realtime.defenses.patchzero",          # patchzero

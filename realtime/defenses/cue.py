@@ -1,0 +1,173 @@
+"""A second, independent cue next to Z-Mask's score d: shallow texture outliers (issue 22).
+
+Why: an attacker who knows Z-Mask can push d under lambda0 by keeping its layers' z-scores low under the
+patch, and still do damage. The cue watches other layers (the earliest ones, where a printed pattern's
+texture is unlike any natural surface) with a statistic of its own: per layer, the channel-mean |z| on
+Z-Mask's working grid, averaged over ``pool`` x ``pool`` cells; the frame's cue score is the max over
+cells and layers of that map divided by the layer's clean threshold (a high quantile of the per-frame
+max on clean training frames). A frame is flagged when ``d > lambda0`` *or* ``cue > 1``; on a
+cue-flagged frame the cells whose map exceeds the layer's clean *cell* threshold are masked too.
+
+Everything is plain differentiable torch, so the white-box attacker (``realtime.attacks.whitebox``) can
+and does fight the cue as well as d.
+
+Artifact: one safetensors file, tensors ``mu/<layer>``, ``sigma/<layer>`` and JSON metadata
+``outlier-cue`` (format, model, fingerprint, layers, pool, frame and cell thresholds, provenance).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from realtime.core.taps import ActivationTaps
+from realtime.models import fingerprint
+
+from .artifact import load_calibration
+from .registry import DefenseContext, REPO, register_defense
+from .spr import resize, to_work, zscore
+from .zmask import Detection, ZMask
+from .zmask_defense import ZMaskDefense
+
+FORMAT = "outlier-cue/1"
+
+
+@dataclass
+class OutlierCue:
+    """Clean statistics and thresholds of the cue for one model (see the module docstring)."""
+    model_name: str
+    fingerprint: str
+    layers: Tuple[str, ...]
+    mu: Dict[str, torch.Tensor]
+    sigma: Dict[str, torch.Tensor]
+    frame_threshold: Dict[str, float]           # per layer: clean quantile of the per-frame max
+    cell_threshold: Dict[str, float]            # per layer: clean quantile over all cells (mask)
+    pool: int = 3
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def maps(self, taps: Dict[str, torch.Tensor], work_size: Tuple[int, int], mode: str) -> Dict[str, torch.Tensor]:
+        """Per layer (N,1,HR,WR): pooled channel-mean |z| on the working grid (differentiable)."""
+        out = {}
+        for name in self.layers:
+            f = taps[name].float()
+            z = zscore(resize(f, work_size, mode), self.mu[name].to(f.device), self.sigma[name].to(f.device))
+            out[name] = F.avg_pool2d(z.abs().mean(dim=1, keepdim=True), self.pool, 1, self.pool // 2,
+                                     count_include_pad=False)
+        return out
+
+    def score(self, maps: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) max over layers and cells of map / frame threshold: > 1 flags the frame."""
+        return torch.stack([maps[n].amax(dim=(1, 2, 3)) / self.frame_threshold[n] for n in self.layers]).amax(0)
+
+    def hit(self, maps: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,1,HR,WR) bool: cells above their layer's clean cell threshold, any layer."""
+        hits = [maps[n].detach() > self.cell_threshold[n] for n in self.layers]
+        return torch.stack(hits).any(dim=0)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{k}/{n}": getattr(self, k)[n].detach().float().cpu().contiguous()
+                   for k in ("mu", "sigma") for n in self.layers}
+        header = {"format": FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
+                  "layers": list(self.layers), "pool": self.pool, "frame_threshold": self.frame_threshold,
+                  "cell_threshold": self.cell_threshold, "extra": self.extra}
+        save_file(tensors, str(path), metadata={"outlier-cue": json.dumps(header)})
+        return path
+
+
+def load_cue(path: str | Path, model: Optional[torch.nn.Module] = None) -> OutlierCue:
+    """Read a cue artifact; with ``model``, refuse one made for other weights (one-line ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"outlier-cue file {path} not found; fit one with python -m calibration.cue")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        h = json.loads(meta["outlier-cue"])
+        if h.get("format") != FORMAT:
+            raise ValueError(f"unsupported format {h.get('format')!r}")
+        layers = tuple(h["layers"])
+        cue = OutlierCue(h["model"], h["fingerprint"], layers, {n: tensors[f"mu/{n}"] for n in layers},
+                         {n: tensors[f"sigma/{n}"] for n in layers},
+                         {n: float(h["frame_threshold"][n]) for n in layers},
+                         {n: float(h["cell_threshold"][n]) for n in layers}, int(h.get("pool", 3)), h.get("extra", {}))
+    except Exception as exc:      # safetensors' own errors, JSON, missing keys: all one message
+        raise ValueError(f"{path} is not a readable outlier-cue artifact: {exc}") from None
+    bad = [n for n in layers if not (cue.frame_threshold[n] > 0 and cue.cell_threshold[n] > 0)
+           or not bool(torch.isfinite(cue.mu[n]).all() and (cue.sigma[n] > 0).all())]
+    if bad:
+        raise ValueError(f"{path}: non-positive thresholds or bad statistics for layers {bad}")
+    if model is not None and fingerprint(model) != cue.fingerprint:
+        raise ValueError(f"{path} was fitted for model '{cue.model_name}' (fingerprint {cue.fingerprint}), "
+                         f"not this one ({fingerprint(model)}); re-run python -m calibration.cue")
+    return cue
+
+
+class CuedZMask(ZMask):
+    """Z-Mask whose ``detect`` also reads the outlier cue.
+
+    The score becomes ``max(d, cue * lambda0)`` (d's units), so ``score > lambda0`` is exactly "d over
+    its threshold or the cue over its own", the ROC of the score is the ROC of the combined detector,
+    and everything that reads the score (voting, benchmarks, the white-box attacker's hinge) sees both
+    cues. On frames the cue flags, its hit cells are masked as well as Z-Mask's own mask."""
+
+    def __init__(self, base: ZMask, model: torch.nn.Module, cue: OutlierCue) -> None:
+        if not base.cfg.lambda0 > 0:
+            raise ValueError(f"the outlier cue needs a positive lambda0 to share the score's units, "
+                             f"got {base.cfg.lambda0}")
+        layers = tuple(dict.fromkeys((*base.cfg.layers, *cue.layers)))
+        super().__init__(ActivationTaps(model, layers), base.cfg, base.stats, base.fusion)
+        base.taps.remove()
+        self.cue = cue
+
+    def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int], timer=None) -> Detection:
+        det = super().detect(taps, size, timer)
+        spr = self.cfg.spr
+        maps = self.cue.maps(taps, spr.work_size, spr.mode)
+        cue = self.cue.score(maps)
+        score = torch.maximum(det.score, cue.to(det.score.dtype) * self.cfg.lambda0)
+        by_cue = cue.detach() > 1.0
+        flagged = det.flagged | by_cue
+        mask = det.mask
+        if bool(by_cue.any()):
+            hit = self.cue.hit(maps) & by_cue.view(-1, 1, 1, 1)
+            cue_keep = (resize(hit.to(det.mask.dtype), size, "nearest") < 0.5).to(det.mask.dtype)
+            mask = torch.minimum(det.mask, cue_keep)
+        return Detection(det.h_s, det.h_d, det.soft_mask, score, flagged, mask)
+
+
+class CuedZMaskDefense(ZMaskDefense):
+    """``zmask`` with the outlier cue: the same orchestration (prior, second pass), a second flag."""
+    name = "zmask_cue"
+
+    def describe(self) -> Dict[str, Any]:
+        cue = self.zm.cue
+        return {**super().describe(), "cue_layers": list(cue.layers), "cue_pool": cue.pool,
+                "cue_frame_threshold": cue.frame_threshold, "cue_fingerprint": cue.fingerprint}
+
+
+def cue_path(model_name: str) -> Path:
+    """Where the shipped cue of a model lives."""
+    from realtime.models import model_slug
+    return REPO / "calibration" / "shipped" / f"{model_slug(model_name)}_cue.safetensors"
+
+
+@register_defense("zmask_cue")
+def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None) -> CuedZMaskDefense:
+    """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue)."""
+    path = ctx.calibration_path()
+    if ctx.loaded_calibration is None and not path.is_file():
+        raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
+                                f"`python -m calibration.fit --model {ctx.model_name}`")
+    cal = ctx.loaded_calibration or load_calibration(path, ctx.model)
+    oc = load_cue(cue or cue_path(ctx.model_name), ctx.model)
+    zm = CuedZMask(cal.build_zmask(ctx.model, check=False), ctx.model, oc)
+    return CuedZMaskDefense(zm.eval())
