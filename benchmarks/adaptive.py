@@ -1,7 +1,8 @@
 """The adaptive frontier: how much damage can a patch still do while it evades Z-Mask (issue 22)?
 
     python -m benchmarks.adaptive --model ddrnet23_slim --betas 1,0.7,0.5,0.3,0.1 --steps 150 --resume
-    python -m benchmarks.adaptive --model bisenetv1 --attackers full,zscore --betas 0.5 --steps 60
+    python -m benchmarks.adaptive --model bisenetv1 --points full_b1,full_b0.5,zscore_b0.5 --steps 60
+    python -m benchmarks.adaptive --model ddrnet23_slim --defense zmask_cue --also-measure zmask --resume
 
 For each attacker family and trade-off weight beta, a universal L patch is crafted white-box against the
 calibrated Z-Mask (``realtime.attacks.whitebox``), warm-started from the library's plain EOT L patch:
@@ -28,7 +29,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -67,6 +68,7 @@ class AdaptiveConfig:
     also_measure: List[str] = field(default_factory=list)   # other defenses the same patches are measured on
     attackers: List[str] = field(default_factory=lambda: ["full"])
     betas: List[float] = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.3, 0.1])
+    points: Optional[List[str]] = None          # explicit "<attacker>_b<beta>" names instead of attackers x betas
     steps: int = 150
     batch_size: int = 4
     lr: float = 0.01
@@ -82,6 +84,9 @@ class AdaptiveConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.points:
+            parsed = [parse_point(p) for p in self.points]
+            self.attackers = list(dict.fromkeys(a for a, _ in parsed))
         unknown = [a for a in self.attackers if a not in ATTACKERS]
         if unknown:
             raise KeyError(f"unknown attacker(s) {unknown}; available: {', '.join(ATTACKERS)}")
@@ -110,6 +115,25 @@ def run_tag(cfg: AdaptiveConfig) -> str:
 
 def point_name(attacker: str, beta: float) -> str:
     return f"{attacker}_b{beta:g}"
+
+
+def parse_point(name: str) -> Tuple[str, float]:
+    """``full_b0.5`` -> ``('full', 0.5)``; a clear error for anything else."""
+    attacker, sep, beta = name.rpartition("_b")
+    try:
+        value = float(beta)
+    except ValueError:
+        value = None
+    if not sep or value is None or not 0.0 <= value <= 1.0:
+        raise ValueError(f"frontier point {name!r} is not <attacker>_b<beta in [0, 1]>, e.g. full_b0.5")
+    return attacker, value
+
+
+def frontier_points(cfg: "AdaptiveConfig") -> List[Tuple[str, float]]:
+    """The (attacker, beta) pairs of the run, in order."""
+    if cfg.points:
+        return [parse_point(p) for p in cfg.points]
+    return [(a, b) for a in cfg.attackers for b in cfg.betas]
 
 
 def craft_point(model: torch.nn.Module, ctx: DefenseContext, images: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
@@ -183,8 +207,7 @@ def run(cfg: AdaptiveConfig) -> Dict:
     cidx = range(min(len(train), cfg.craft_limit)) if cfg.craft_limit else None
     c_images, c_labels = train.to_tensors(cidx, progress=cfg.progress)
     pngs = {point_name(a, b): craft_point(model, ctx, c_images, c_labels, init, a, b, cfg, folder, dev)
-            for a in cfg.attackers for b in tqdm(cfg.betas, desc=f"frontier {a}", unit="point",
-                                                  disable=not cfg.progress)}
+            for a, b in tqdm(frontier_points(cfg), desc="frontier", unit="point", disable=not cfg.progress)}
     del c_images, c_labels
     ds = CamVid(root, cfg.split)
     idx = list(range(len(ds)))[:cfg.limit]
@@ -217,6 +240,7 @@ def parse_args(argv: Optional[List[str]] = None) -> AdaptiveConfig:
     p.add_argument("--also-measure", default="", help="comma-separated defenses the same patches are also measured on")
     p.add_argument("--attackers", default="full", help=f"comma-separated: {', '.join(ATTACKERS)}")
     p.add_argument("--betas", default="1,0.7,0.5,0.3,0.1", help="weights of L_adv against evasion (1: pure damage)")
+    p.add_argument("--points", default=None, help="explicit points instead of attackers x betas, e.g. full_b1,zscore_b0.5")
     p.add_argument("--steps", type=int, default=150, help="crafting steps per point (from the plain EOT L patch)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01)
@@ -238,6 +262,7 @@ def parse_args(argv: Optional[List[str]] = None) -> AdaptiveConfig:
     return AdaptiveConfig(model=a.model, data=a.data, calibration=a.calibration, defense=a.defense,
                           also_measure=[s.strip() for s in a.also_measure.split(",") if s.strip()],
                           attackers=[s.strip() for s in a.attackers.split(",") if s.strip()], betas=betas,
+                          points=[s.strip() for s in a.points.split(",") if s.strip()] if a.points else None,
                           steps=a.steps, batch_size=a.batch_size, lr=a.lr, craft_split=a.craft_split,
                           craft_limit=a.craft_limit, split=a.split, limit=a.limit, seed=a.seed, device=a.device,
                           library=a.library, out_dir=a.out_dir, resume=a.resume, progress=not a.quiet)

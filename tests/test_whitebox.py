@@ -172,3 +172,14 @@ def test_adaptive_benchmark_errors(tmp_path, capsys):
     assert main(["--model", "ddrnet23_slim", "--betas", "1.5"]) == 2
     assert "betas must be in [0, 1]" in capsys.readouterr().err
     assert main(["--model", "ddrnet23_slim", "--library", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert main(["--model", "ddrnet23_slim", "--points", "full_bx"]) == 2
+    assert "not <attacker>_b<beta" in capsys.readouterr().err
+    assert main(["--model", "ddrnet23_slim", "--points", "other_b0.5"]) == 2
+    assert main(["--model", "ddrnet23_slim", "--defense", "lgs"]) == 2
+    assert "Z-Mask variant" in capsys.readouterr().err
+
+
+def test_frontier_points_order():
+    from benchmarks.adaptive import AdaptiveConfig, frontier_points
+    assert frontier_points(AdaptiveConfig("m", points=["full_b1", "zscore_b0.5"])) == [("full", 1.0), ("zscore", 0.5)]
+    assert frontier_points(AdaptiveConfig("m", attackers=["full"], betas=[1, 0.5])) == [("full", 1), ("full", 0.5)]
