@@ -163,6 +163,10 @@ def test_adaptive_benchmark_end_to_end(tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (out / "ddrnet23_slim" / "cells").iterdir()}
     assert main(args + ["--resume"]) == 0                         # everything reused, nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert main(args + ["--resume", "--also-measure", "zmask_cue"]) == 0       # transfer to the cued variant
+    res = json.loads((out / "adaptive_ddrnet23_slim.json").read_text())
+    assert set(res["also_measured"]["zmask_cue"]) == {"eot_L", "full_b0.5", "zscore_b0.5"}
+    assert "measured on `zmask_cue`" in (out / "adaptive_ddrnet23_slim.md").read_text()
 
 
 def test_adaptive_benchmark_errors(tmp_path, capsys):
