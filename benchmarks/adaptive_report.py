@@ -91,31 +91,53 @@ def frontier_markdown(res: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _series(points: Dict[str, Dict]) -> Dict[str, list]:
+    """{attacker family: [(beta, point), ...] sorted by beta}; the plain EOT patch is beta 1 of 'plain'."""
+    fam: Dict[str, list] = {}
+    for name, p in points.items():
+        attacker, sep, beta = name.rpartition("_b")
+        if sep:
+            fam.setdefault(attacker, []).append((float(beta), p))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in fam.items()}
+
+
 def plot_frontier(res: Dict, path: Path) -> Optional[Path]:
-    """Damage kept after the defense against the flag rate, one marker per patch (None without matplotlib)."""
+    """Damage kept (with and without the defense) and flag rate against the attacker's weight beta, per
+    attacker family and per measured defense (None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.axhspan(-0.1, KEPT_BAR, color="tab:green", alpha=0.12, label="harmless (kept <= 30 %)")
-    ax.axvspan(FLAG_BAR, 1.05, color="tab:blue", alpha=0.10, label="flagged >= 90 %")
-    for name, p in res["points"].items():
-        for key, marker, label in (("damage_kept_undefended", "o", "undefended"),
-                                   ("damage_kept_defended", "s", "with Z-Mask")):
-            if p[key] is None:
-                continue
-            ax.scatter(p["flag_rate"], p[key], marker=marker, color="tab:red" if not p["passes"] else "tab:green",
-                       alpha=0.5 if marker == "o" else 1.0)
-        ax.annotate(name, (p["flag_rate"], p["damage_kept_defended"] or 0), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("frames flagged by Z-Mask")
-    ax.set_ylabel("damage kept vs plain EOT L (o undefended, s defended)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_title(f"adaptive frontier: {res['settings']['model']} ({Path(res['settings']['calibration']).stem})")
-    ax.legend(fontsize=7, loc="upper right")
+    s = res["settings"]
+    main = s.get("defense", "zmask")
+    measured = {main: res["points"], **(res.get("also_measured") or {})}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.axhspan(0, KEPT_BAR, color="tab:green", alpha=0.12, label=f"harmless (<= {KEPT_BAR:.0%} kept)")
+    ax2.axhspan(FLAG_BAR, 1.02, color="tab:blue", alpha=0.10, label=f"flagged >= {FLAG_BAR:.0%}")
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    plain = res["points"].get("eot_L")
+    for defense, pts in measured.items():
+        for family, series in _series(pts).items():
+            c = next(colors)
+            b = [t[0] for t in series]
+            label = f"{family} vs {main}" + ("" if defense == main else f", on {defense}")
+            ax1.plot(b, [t[1]["damage_kept_defended"] for t in series], "-o", color=c, label=f"{label}: defended")
+            if defense == main:
+                ax1.plot(b, [t[1]["damage_kept_undefended"] for t in series], "--", color=c, alpha=0.5,
+                         label=f"{family}: undefended")
+            ax2.plot(b, [t[1]["flag_rate"] for t in series], "-o", color=c, label=label)
+    if plain is not None:
+        ax1.axhline(plain["damage_kept_defended"], color="k", lw=0.8, ls=":", label=f"plain EOT L on {main}")
+    ax1.set_xlabel("attacker's weight on damage (beta; 1 = no evasion term)")
+    ax1.set_ylabel("damage kept vs plain EOT L (undefended)")
+    ax2.set_xlabel("beta")
+    ax2.set_ylabel("frames flagged")
+    ax2.set_ylim(-0.02, 1.02)
+    ax1.legend(fontsize=6)
+    ax2.legend(fontsize=6)
+    fig.suptitle(f"adaptive frontier: {s['model']}, {main} ({Path(s['calibration']).stem}), {s['split']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
