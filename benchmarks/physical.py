@@ -61,6 +61,7 @@ class PhysicalConfig:
     model: str = "ddrnet23_slim"
     weights: Optional[str] = "default"
     calibration: Optional[str] = None
+    defense: str = "zmask"                   # zmask, or zmask_cue (Z-Mask + the outlier cue)
     patch: str = "physeot_L"                 # a library condition name (<model>_<name>.png) or a PNG path
     split: str = "val"
     clean_splits: Tuple[str, ...] = ("train", "val")
@@ -105,10 +106,13 @@ class Bench:
         self.cal_path = cal_path
         cal = load_calibration(cal_path, self.model)
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=cal_path, loaded_calibration=cal)
-        self.defense = build_defense("zmask", ctx)
+        if cfg.defense not in ("zmask", "zmask_cue"):
+            raise KeyError(f"--defense must be zmask or zmask_cue, got {cfg.defense!r}")
+        self.defense = build_defense(cfg.defense, ctx)
         self.voting = VotingConfig.parse(cfg.vote, mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)
         self.identity = {"metrics": 2, "model": cfg.model, "fingerprint": fingerprint(self.model), "calibration": sha(cal_path),
-                         "vote": self.voting.describe(), "limit": cfg.limit}
+                         "vote": self.voting.describe(), "limit": cfg.limit,
+                         **({"defense": cfg.defense} if cfg.defense != "zmask" else {})}
 
     @torch.inference_mode()
     def single(self, x: torch.Tensor):
@@ -256,6 +260,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalConfig:
     p.add_argument("--model", default="ddrnet23_slim", type=model_arg)
     p.add_argument("--weights", default="default")
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default: the shipped one)")
+    p.add_argument("--defense", default="zmask", help="zmask, or zmask_cue (Z-Mask + the outlier cue)")
     p.add_argument("--tag", default=None, help="name of this calibration in the output files (default: its stem)")
     p.add_argument("--patch", default="physeot_L", help="library condition (e.g. physeot_L, eot_L) or a PNG path")
     p.add_argument("--split", default="val")
@@ -273,7 +278,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalConfig:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     tag = a.tag or (Path(a.calibration).stem if a.calibration else "shipped")
-    return PhysicalConfig(model=a.model, weights=a.weights, calibration=a.calibration, patch=a.patch, split=a.split,
+    return PhysicalConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense, patch=a.patch, split=a.split,
                           clean_splits=tuple(s for s in a.clean_splits.split(",") if s), seeds=a.seeds, vote=a.vote,
                           mask_window=a.mask_window, dilate=a.dilate, motion=a.motion, data=a.data, device=a.device, out_dir=a.out_dir,
                           tag=tag, limit=a.limit, resume=a.resume, progress=not a.quiet)

@@ -112,3 +112,27 @@ def test_fit_cli_writes_a_loadable_cue_and_the_defense_uses_it(tmp_path, model):
         r = d(torch.rand(1, 3, 120, 160))
     assert r.flagged is not None and r.score is not None
     assert main(["--model", "ddrnet23_slim", "--data", str(data), "--quantile", "2"]) == 2
+
+
+def test_whitebox_attacker_reads_the_cue(model):
+    """The white-box z term covers the cue's layers, and its score hinge sees max(d, cue * lambda0)."""
+    from realtime.attacks.whitebox import DefendedForward, zscore_under_patch
+    cal = load_calibration(CAL, model)
+    x = torch.rand(1, 3, 120, 160, generator=torch.Generator().manual_seed(1))
+    patch_mask = torch.zeros(1, 1, 120, 160)
+    patch_mask[..., 30:70, 40:90] = 1
+    plain = cal.build_zmask(model)
+    fwd = DefendedForward(plain)
+    with torch.no_grad():
+        fwd(x)
+    z_plain = zscore_under_patch(fwd.last["taps"], patch_mask, plain)
+    plain.taps.remove()
+    cued = CuedZMask(cal.build_zmask(model), model, _cue(model, frame=1e-3, cell=1e9))
+    fwd = DefendedForward(cued)
+    with torch.no_grad():
+        fwd(x)
+    assert set(LAYERS) <= set(fwd.last["taps"])
+    z_cued = zscore_under_patch(fwd.last["taps"], patch_mask, cued)
+    assert not torch.allclose(z_plain, z_cued)                   # two more layers in the mean
+    assert float(fwd.last["score"]) > cal.config.lambda0        # the cue's share of the score
+    cued.taps.remove()
