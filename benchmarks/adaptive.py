@@ -171,13 +171,13 @@ def craft_point(model: torch.nn.Module, ctx: DefenseContext, images: torch.Tenso
     return png
 
 
-def measure(model, name: str, defense_name: str, cond: Condition, images, labels, settings: CellSettings,
+def measure(model, defense_name: str, cond: Condition, images, labels, settings: CellSettings,
             ctx: DefenseContext, partial: Path, cfg: AdaptiveConfig, dev: torch.device, l_hw: tuple):
     """One (defense, patch) cell over the evaluation frames, reused from ``partial`` when finished."""
     with isolated_hooks(model):
         defense = make_defense(defense_name, ctx)
         sig = cell_signature(settings, defense.describe(), cond)
-        cell = load_cell(partial, defense_name, name, sig) if cfg.resume else None
+        cell = load_cell(partial, defense_name, cond.name, sig) if cfg.resume else None
         if cell is None:
             warm_up(defense, images, dev, 1)
             cell = run_cell(defense, cond, images, labels, settings, sig, dev, None,
@@ -218,7 +218,7 @@ def run(cfg: AdaptiveConfig) -> Dict:
     for name, png in pngs.items():
         conds[name] = Condition(name, "adaptive", load_patch_png(png)[0], str(png), sha256=patch_sha256(png))
     partial = folder / "cells"
-    cells = {(d, n): measure(model, n, d, c, images, labels, settings, ctx, partial, cfg, dev,
+    cells = {(d, n): measure(model, d, c, images, labels, settings, ctx, partial, cfg, dev,
                              tuple(init.shape[1:]))
              for n, c in conds.items() for d in ("none", cfg.defense, *cfg.also_measure)}
     points = {n: summarize_point(cells, n, cfg.defense) for n in conds if n != "none"}

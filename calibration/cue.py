@@ -12,6 +12,7 @@ flagged on the held-out half and on ``--check-split`` (if present) are reported 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,8 @@ def fit(cfg: CueFitConfig) -> Dict:
     frame_max, cells = _collect(probe, taps, ds, thr_idx, cfg, spr, dev, "cue thresholds")
     frame_thr = {n: float(np.quantile(frame_max[n], cfg.quantile)) for n in layers}
     cell_thr = {n: float(np.quantile(cells[n], cfg.cell_quantile)) for n in layers}
-    cue = OutlierCue(cfg.model, fingerprint(model), layers, mu, sigma, frame_thr, cell_thr, cfg.pool,
-                     {"split": cfg.split, "every": cfg.every, "stat_frames": len(stat_idx),
+    cue = dataclasses.replace(probe, frame_threshold=frame_thr, cell_threshold=cell_thr, extra={
+                      "split": cfg.split, "every": cfg.every, "stat_frames": len(stat_idx),
                       "threshold_frames": len(thr_idx), "quantile": cfg.quantile,
                       "cell_quantile": cfg.cell_quantile, "work_size": list(spr.work_size)})
     out = Path(cfg.out) if cfg.out else cue_path(cfg.model)
@@ -124,7 +125,7 @@ def _collect(cue: OutlierCue, taps: ActivationTaps, ds: CamVid, idx: List[int], 
     with torch.inference_mode():
         for x in _frames(ds, idx, cfg.batch, cfg.progress, desc):
             _, maps = taps(x.to(dev))
-            cm = cue.maps(maps, spr.work_size, spr.mode)
+            cm = cue.maps(maps, spr)
             for n in cue.layers:
                 frame_max[n] += cm[n].amax(dim=(1, 2, 3)).cpu().tolist()
                 cells[n].append(cm[n].flatten().cpu().numpy())

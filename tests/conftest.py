@@ -35,3 +35,20 @@ def tiny_camvid(tmp_path: Path) -> Path:
             lab[0, 0] = 255
             Image.fromarray(lab).save(tmp_path / f"{split}annot" / f"{n}.png")
     return tmp_path
+
+
+@pytest.fixture()
+def synthetic_camvid():
+    """``make(root, train, val=2)``: random 120x160 frames and labels in the CamVid layout, one sequence,
+    big enough for the models (unlike ``tiny_camvid``); returns ``root``."""
+    def make(root: Path, train: int, val: int = 2) -> Path:
+        rng = np.random.default_rng(0)
+        for split, n in (("train", train), ("val", val)):
+            (root / split).mkdir(parents=True)
+            (root / f"{split}annot").mkdir()
+            for k in range(n):
+                name = f"0001TP_{k:06d}.png"
+                Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(root / split / name)
+                Image.fromarray(rng.integers(0, 11, (120, 160), dtype=np.uint8)).save(root / f"{split}annot" / name)
+        return root
+    return make

@@ -1,11 +1,8 @@
 """The outlier cue next to Z-Mask (realtime.defenses.cue) and its clean-only fit (calibration.cue)."""
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from realtime.defenses.artifact import load_calibration
 from realtime.defenses.cue import CuedZMask, OutlierCue, load_cue
@@ -32,7 +29,8 @@ def test_cue_score_and_hits_follow_the_maps():
     cue = OutlierCue("m", "f", ("a",), {"a": torch.zeros(2)}, {"a": torch.ones(2)}, {"a": 2.0}, {"a": 1.0}, pool=1)
     feat = torch.zeros(2, 2, 4, 4)
     feat[1, :, 1, 2] = 6.0                              # one outlying cell in frame 1 (mean |z| 6)
-    maps = cue.maps({"a": feat}, (4, 4), "same")
+    from realtime.defenses import SPRConfig
+    maps = cue.maps({"a": feat}, SPRConfig((4, 4), ((1, 1),), ((1, 1),)))
     score = cue.score(maps)
     assert score[0] == 0 and score[1] == pytest.approx(3.0, rel=1e-4)   # zscore eps
     hit = cue.hit(maps)
@@ -66,7 +64,7 @@ def test_cued_zmask_combines_score_flag_and_mask(model):
         ref = plain.analyse(x)
     plain.taps.remove()
     # thresholds so low that the cue flags every frame and masks some cells
-    zm = CuedZMask(cal.build_zmask(model), model, _cue(model, frame=1e-3, cell=0.5))
+    zm = CuedZMask.build(cal, model, _cue(model, frame=1e-3, cell=0.5))
     with torch.no_grad():
         res = zm.analyse(x)
     lam = cal.config.lambda0
@@ -76,7 +74,7 @@ def test_cued_zmask_combines_score_flag_and_mask(model):
     assert float((res.mask < 0.5).float().mean()) >= float((ref.mask < 0.5).float().mean())
     zm.taps.remove()
     # thresholds so high that the cue never fires: exactly plain Z-Mask
-    zm = CuedZMask(cal.build_zmask(model), model, _cue(model, frame=1e9, cell=1e9))
+    zm = CuedZMask.build(cal, model, _cue(model, frame=1e9, cell=1e9))
     with torch.no_grad():
         res = zm.analyse(x)
     torch.testing.assert_close(res.score, ref.score)
@@ -84,21 +82,9 @@ def test_cued_zmask_combines_score_flag_and_mask(model):
     zm.taps.remove()
 
 
-def _synthetic_camvid(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 2)):
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for k in range(n):
-            name = f"0001TP_{k:06d}.png"
-            Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(root / split / name)
-            Image.fromarray(rng.integers(0, 11, (120, 160), dtype=np.uint8)).save(root / f"{split}annot" / name)
-
-
-def test_fit_cli_writes_a_loadable_cue_and_the_defense_uses_it(tmp_path, model):
+def test_fit_cli_writes_a_loadable_cue_and_the_defense_uses_it(tmp_path, model, synthetic_camvid):
     from calibration.cue import main
-    data = tmp_path / "data"
-    _synthetic_camvid(data)
+    data = synthetic_camvid(tmp_path / "data", train=6)
     out = tmp_path / "cue.safetensors"
     assert main(["--model", "ddrnet23_slim", "--data", str(data), "--out", str(out),
                  "--report-dir", str(tmp_path / "rep"), "--quiet"]) == 0
@@ -127,7 +113,7 @@ def test_whitebox_attacker_reads_the_cue(model):
         fwd(x)
     z_plain = zscore_under_patch(fwd.last["taps"], patch_mask, plain)
     plain.taps.remove()
-    cued = CuedZMask(cal.build_zmask(model), model, _cue(model, frame=1e-3, cell=1e9))
+    cued = CuedZMask.build(cal, model, _cue(model, frame=1e-3, cell=1e9))
     fwd = DefendedForward(cued)
     with torch.no_grad():
         fwd(x)

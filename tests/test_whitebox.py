@@ -1,11 +1,9 @@
 """White-box attacker against Z-Mask (realtime.attacks.whitebox) and the adaptive frontier benchmark."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from realtime.attacks import CaptureConfig, EOTConfig, Placement, apply_patch, craft_universal_patch
 from realtime.attacks.apply import save_patch_png
@@ -134,21 +132,9 @@ def test_frontier_pass_rule():
     assert b["damage_kept_undefended"] == b["damage_kept_defended"] > 0.3
 
 
-def _synthetic_camvid(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for k in range(n):
-            name = f"0001TP_{k:06d}.png"
-            Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(root / split / name)
-            Image.fromarray(rng.integers(0, 11, (120, 160), dtype=np.uint8)).save(root / f"{split}annot" / name)
-
-
-def test_adaptive_benchmark_end_to_end(tmp_path, capsys):
+def test_adaptive_benchmark_end_to_end(tmp_path, capsys, synthetic_camvid):
     from benchmarks.adaptive import main
-    data, lib, out = tmp_path / "data", tmp_path / "lib", tmp_path / "out"
-    _synthetic_camvid(data)
+    data, lib, out = synthetic_camvid(tmp_path / "data", train=3), tmp_path / "lib", tmp_path / "out"
     save_patch_png(torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0)), lib / "ddrnet23_slim_eot_L.png",
                    {"kind": "eot"})
     args = ["--model", "ddrnet23_slim", "--data", str(data), "--library", str(lib), "--out-dir", str(out),

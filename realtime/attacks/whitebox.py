@@ -63,13 +63,13 @@ class DefendedForward(nn.Module):
         zm = self.zmask
         out, taps = zm.taps(x)
         det = zm.detect(taps, (x.shape[-2], x.shape[-1]))
-        logits = _logits(out)
+        logits = first_tensor(out)
         self.last = {"taps": taps, "soft": det.soft_mask, "score": det.score, "flagged": det.flagged}
         if not self.second_pass or not bool(det.flagged.any()):
             return logits
         index = torch.nonzero(det.flagged, as_tuple=False).flatten()
         shielded = zm.shield(x.index_select(0, index), det.mask.index_select(0, index).detach())
-        second = _logits(zm.taps.plain(shielded))
+        second = first_tensor(zm.taps.plain(shielded))
         return logits.index_copy(0, index, second.to(logits.dtype))
 
 
@@ -116,12 +116,3 @@ class EvasionLoss:
         c = self.cfg
         return c.z_weight * p["z"] + c.score_weight * p["score"] + c.mask_weight * p["mask"]
 
-
-def _logits(output) -> torch.Tensor:
-    """The segmentation logits inside a model output (a tensor, a dict's ``out``, a tuple's first)."""
-    if isinstance(output, dict) and "out" in output:
-        output = output["out"]
-    t = first_tensor(output)
-    if t is None:
-        raise TypeError(f"no logits tensor in a model output of type {type(output).__name__}")
-    return t

@@ -27,13 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from realtime.core.taps import ActivationTaps
-from realtime.models import fingerprint
+from realtime.models import fingerprint, model_slug
 
-from .artifact import load_calibration
 from .registry import DefenseContext, REPO, register_defense
-from .spr import resize, to_work, zscore
+from .spr import SPRConfig, resize, to_work, zscore
 from .zmask import Detection, ZMask
-from .zmask_defense import ZMaskDefense
+from .zmask_defense import ZMaskDefense, context_calibration
 
 FORMAT = "outlier-cue/1"
 
@@ -51,12 +50,12 @@ class OutlierCue:
     pool: int = 3
     extra: Dict[str, Any] = field(default_factory=dict)
 
-    def maps(self, taps: Dict[str, torch.Tensor], work_size: Tuple[int, int], mode: str) -> Dict[str, torch.Tensor]:
-        """Per layer (N,1,HR,WR): pooled channel-mean |z| on the working grid (differentiable)."""
+    def maps(self, taps: Dict[str, torch.Tensor], spr: SPRConfig) -> Dict[str, torch.Tensor]:
+        """Per layer (N,1,HR,WR): pooled channel-mean |z| on Z-Mask's working grid (differentiable)."""
         out = {}
         for name in self.layers:
             f = taps[name].float()
-            z = zscore(resize(f, work_size, mode), self.mu[name].to(f.device), self.sigma[name].to(f.device))
+            z = zscore(to_work(f, spr), self.mu[name].to(f.device), self.sigma[name].to(f.device))
             out[name] = F.avg_pool2d(z.abs().mean(dim=1, keepdim=True), self.pool, 1, self.pool // 2,
                                      count_include_pad=False)
         return out
@@ -117,21 +116,30 @@ class CuedZMask(ZMask):
     The score becomes ``max(d, cue * lambda0)`` (d's units), so ``score > lambda0`` is exactly "d over
     its threshold or the cue over its own", the ROC of the score is the ROC of the combined detector,
     and everything that reads the score (voting, benchmarks, the white-box attacker's hinge) sees both
-    cues. On frames the cue flags, its hit cells are masked as well as Z-Mask's own mask."""
+    cues. On frames the cue flags, its hit cells are masked as well as Z-Mask's own mask.
 
-    def __init__(self, base: ZMask, model: torch.nn.Module, cue: OutlierCue) -> None:
+    ``base`` must tap the cue's layers too (``build`` does that); its taps, statistics and fusion are
+    shared, not copied."""
+
+    def __init__(self, base: ZMask, cue: OutlierCue) -> None:
         if not base.cfg.lambda0 > 0:
             raise ValueError(f"the outlier cue needs a positive lambda0 to share the score's units, "
                              f"got {base.cfg.lambda0}")
-        layers = tuple(dict.fromkeys((*base.cfg.layers, *cue.layers)))
-        super().__init__(ActivationTaps(model, layers), base.cfg, base.stats, base.fusion)
-        base.taps.remove()
+        missing = [n for n in cue.layers if n not in base.taps.layers]
+        if missing:
+            raise ValueError(f"the Z-Mask does not tap the cue's layers {missing}; build it with CuedZMask.build")
+        super().__init__(base.taps, base.cfg, base.stats, base.fusion)
         self.cue = cue
+
+    @classmethod
+    def build(cls, cal: Any, model: torch.nn.Module, cue: OutlierCue) -> "CuedZMask":
+        """From a calibration artifact: one set of hooks on Z-Mask's and the cue's layers together."""
+        layers = tuple(dict.fromkeys((*cal.config.layers, *cue.layers)))
+        return cls(cal.build_zmask(model, check=False, taps=ActivationTaps(model, layers)), cue)
 
     def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int], timer=None) -> Detection:
         det = super().detect(taps, size, timer)
-        spr = self.cfg.spr
-        maps = self.cue.maps(taps, spr.work_size, spr.mode)
+        maps = self.cue.maps(taps, self.cfg.spr)
         cue = self.cue.score(maps)
         score = torch.maximum(det.score, cue.to(det.score.dtype) * self.cfg.lambda0)
         by_cue = cue.detach() > 1.0
@@ -156,18 +164,12 @@ class CuedZMaskDefense(ZMaskDefense):
 
 def cue_path(model_name: str) -> Path:
     """Where the shipped cue of a model lives."""
-    from realtime.models import model_slug
     return REPO / "calibration" / "shipped" / f"{model_slug(model_name)}_cue.safetensors"
 
 
 @register_defense("zmask_cue")
 def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None) -> CuedZMaskDefense:
     """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue)."""
-    path = ctx.calibration_path()
-    if ctx.loaded_calibration is None and not path.is_file():
-        raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
-                                f"`python -m calibration.fit --model {ctx.model_name}`")
-    cal = ctx.loaded_calibration or load_calibration(path, ctx.model)
+    cal = context_calibration(ctx)
     oc = load_cue(cue or cue_path(ctx.model_name), ctx.model)
-    zm = CuedZMask(cal.build_zmask(ctx.model, check=False), ctx.model, oc)
-    return CuedZMaskDefense(zm.eval())
+    return CuedZMaskDefense(CuedZMask.build(cal, ctx.model, oc).eval())

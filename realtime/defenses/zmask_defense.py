@@ -81,16 +81,22 @@ def _build_none(ctx: DefenseContext) -> Defense:
     return NoDefense(ctx.model, ctx.forward())
 
 
+def context_calibration(ctx: DefenseContext):
+    """The context's Z-Mask artifact: the one already loaded, else read from ``ctx.calibration_path()``
+    (fingerprint checked); a missing file says how to make one."""
+    if ctx.loaded_calibration is not None:
+        return ctx.loaded_calibration
+    path = ctx.calibration_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
+                                f"`python -m calibration.fit --model {ctx.model_name}`")
+    return load_calibration(path, ctx.model)             # refuses a calibration made for another model
+
+
 @register_defense("zmask")
 def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask_options: Any) -> Defense:
     """Z-Mask from the calibration artifact (fingerprint checked); ``threshold`` overrides lambda0."""
-    cal = ctx.loaded_calibration
-    if cal is None:
-        path = ctx.calibration_path()
-        if not path.is_file():
-            raise FileNotFoundError(f"Z-Mask calibration {path} not found; make one with "
-                                    f"`python -m calibration.fit --model {ctx.model_name}`")
-        cal = load_calibration(path, ctx.model)          # refuses a calibration made for another model
+    cal = context_calibration(ctx)
     # On an engine the taps come out of the engine, and the module is left unhooked.
     # The artifact was checked against ctx.model when it was loaded: no second fingerprint.
     # An engine that can run the whole first pass as one graph (``engines.ort_defended``) computes the
