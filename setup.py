@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["realtime", "realtime.*", "kernels", "kernels.*", "engines", "engines.*",
                                     "calibration", "calibration.*", "benchmarks", "benchmarks.*"]),
-    package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp"],
+    package_data={"realtime.models": ["weights/*.pt", "weights/*.json"], "kernels": ["*.cu", "*.cpp", "*.c"],
                   "realtime.defenses": ["weights/*.pt", "weights/*.json"],
                   "calibration": ["shipped/*"],
                   "realtime.attacks": ["library/*.png", "library/*.json"],   # the demo's patch

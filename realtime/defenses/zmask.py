@@ -166,6 +166,13 @@ class ZMask(nn.Module):
             self._fused = heatmap_backend(self)
             self.heatmap_backend = getattr(self._fused, "mode", "custom")
 
+    def heatmaps_in_use(self) -> str:
+        """What has computed the heatmaps so far ('reference', or what the attached backend reports)."""
+        if self._fused is None:
+            return "reference"
+        in_use = getattr(self._fused, "in_use", None)
+        return in_use() if callable(in_use) else self.heatmap_backend
+
     def _stat(self, name: str, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mu, sigma = self.stats.mu[name], self.stats.sigma[name]
         if mu.numel() != feat.shape[1] or sigma.numel() != feat.shape[1]:
@@ -189,6 +196,10 @@ class ZMask(nn.Module):
         """(H_S, H_D, fine map): the fine map is the shallow layers' smallest-kernel SPR term, max over
         layers (N,1,HR,WR) -- the finest over-activation evidence, used to grow the mask (None unless
         ``with_fine``)."""
+        return self.maps_from_terms(self.reference_terms(taps), with_fine)
+
+    def reference_terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Tuple[int, int]], torch.Tensor]:
+        """{(layer, kernel): SPR term p (N,1,HR,WR)} in plain torch, each (layer, kernel) pooled once."""
         spr = self.cfg.spr
         missing = [n for n in self.cfg.layers if n not in taps]
         if missing:
@@ -208,6 +219,12 @@ class ZMask(nn.Module):
             # All kernels of a layer from shared running sums (spr_fast; equal to spr.pooled_map, tested).
             for k, p in zip(unique, pooled_maps(z, unique, spr.mode)):
                 terms[(name, k)] = p
+        return terms
+
+    def maps_from_terms(self, terms: Dict[Tuple[str, Tuple[int, int]], torch.Tensor], with_fine: bool = True
+                        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(H_S, H_D, fine map) from the SPR terms: cascades per layer, pixel-wise max over layers."""
+        spr = self.cfg.spr
         h_s = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_shallow])
                          for n in self.cfg.shallow])
         h_d = aggregate([cascade([terms[(n, tuple(k))] for k in spr.kernels_deep]) for n in self.cfg.deep])
@@ -266,8 +283,9 @@ class ZMask(nn.Module):
             with timer("heatmaps"):
                 return self._fused.detect(taps, size)
         with timer("heatmaps"):
-            if growing:                   # the fine map comes from the reference (the kernels do not emit it)
-                h_s, h_d, fine = self.reference_maps(taps)
+            if growing:                   # the fine map needs the terms: CPU kernel's or the reference's
+                terms = self._fused.maybe_terms(taps) if hasattr(self._fused, "maybe_terms") else None
+                h_s, h_d, fine = self.maps_from_terms(terms) if terms is not None else self.reference_maps(taps)
             else:
                 h_s, h_d = self.heatmaps(taps)
         with timer("fusion"):

@@ -1,0 +1,230 @@
+"""Z-Mask's SPR terms on the CPU from one C pass per channel (``zmask_cpu.c``), loaded with ctypes.
+
+The plain-torch heatmaps spend ~25 ms per 360x480 frame on the 2-core CPU in ~130 small tensor ops
+(resize, z-score, prefix sums, slices, |.|, means: each a pass over a 64-128-channel map), against a
+~2 MB read of the taps. The C kernel keeps one channel at a time in cache: resize + z-score into a
+summed-area table, then four table reads per pixel and kernel, |.| summed over channels; threads
+split the channels. Only the per-term means come back to torch, where ``ZMask`` builds the cascades,
+so everything after the terms is the reference's own code.
+
+The library is compiled on first use with the system C compiler (``$CC``, else cc / gcc / clang;
+``-O3 -march=native``, retried without ``-march`` when that fails) into a per-user cache keyed by the
+source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile. ``cpu_available()`` says
+why it cannot run (no compiler, compile error) instead of raising; callers then stay on the reference.
+'same' SPR mode only ('demo' stays on the reference). Inference only: no autograd.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from realtime.defenses import ChannelStats, ZMaskConfig
+
+SOURCE = Path(__file__).with_name("zmask_cpu.c")
+EPS = 1e-5                     # spr.zscore's eps
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+Term = Tuple[str, Tuple[int, int]]
+
+_LOCK = threading.Lock()
+_LIB: Dict[str, object] = {}   # "lib" -> CDLL, or "error" -> why it cannot be had
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """No C compiler, or the CPU kernel did not compile or load."""
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class _Desc(ctypes.Structure):
+    """``zm_layer`` in zmask_cpu.c: one hooked layer's tap, constants and output (raw pointers)."""
+    _fields_ = [("tap", _P), ("n", _I), ("c", _I), ("h", _I), ("w", _I), ("a", _P), ("b", _P),
+                ("y0", _P), ("y1", _P), ("ly", _P), ("x0", _P), ("x1", _P), ("lx", _P),
+                ("nk", _I), ("rh", _P), ("rw", _P), ("inv", _P), ("out", _P)]
+
+
+def _compiler() -> Optional[str]:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ZMASK_CPU_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "realtime-zmask")
+    return Path(root)
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (a -march=native build is only valid on the same kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cc: str, flags: Tuple[str, ...]) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"zmask_cpu_{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [cc, *flags, "-std=c99", "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", str(tmp_out), "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise CpuKernelUnavailable(f"{' '.join(cmd)} failed: {' '.join(res.stderr.split())[:300]}")
+        os.replace(tmp_out, out)          # atomic: concurrent builders never load a half-written file
+    return out
+
+
+def load() -> ctypes.CDLL:
+    """The compiled library (built on first use, cached); raises ``CpuKernelUnavailable``."""
+    with _LOCK:
+        if "lib" in _LIB:
+            return _LIB["lib"]            # type: ignore[return-value]
+        if "error" in _LIB:
+            raise CpuKernelUnavailable(str(_LIB["error"]))
+        cc = _compiler()
+        errors: List[str] = []
+        lib = None
+        if cc is None:
+            errors.append("no C compiler found ($CC, cc, gcc, clang)")
+        else:
+            for flags in FLAG_SETS:
+                try:
+                    lib = ctypes.CDLL(str(_build(cc, flags)))
+                    break
+                except (CpuKernelUnavailable, OSError, subprocess.SubprocessError) as exc:
+                    errors.append(str(exc))
+        if lib is None:
+            _LIB["error"] = "the Z-Mask CPU kernel is unavailable: " + "; ".join(errors)
+            raise CpuKernelUnavailable(str(_LIB["error"]))
+        fn = lib.zm_cpu_terms
+        fn.argtypes = [ctypes.POINTER(_Desc), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _LIB["lib"] = lib
+        return lib
+
+
+def cpu_available() -> Tuple[bool, str]:
+    """(True, "") when the CPU kernel compiles and loads here, else (False, why)."""
+    try:
+        load()
+        return True, ""
+    except CpuKernelUnavailable as exc:
+        return False, str(exc)
+
+
+def linear_indices(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and the weight of i1 per output index: ``F.interpolate(mode='bilinear',
+    align_corners=False)`` along one axis (float32 arithmetic as torch's CPU kernel; identity when equal)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0.astype(np.int32), i1.astype(np.int32), lam
+
+
+def _window_counts(n: int, r: int) -> np.ndarray:
+    i = np.arange(n)
+    return (np.minimum(i + r + 1, n) - np.maximum(i - r, 0)).astype(np.float64)
+
+
+class _Layer:
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, kernels: List[Tuple[int, int]],
+                 work: Tuple[int, int]) -> None:
+        s = sigma.detach().double().cpu().numpy()
+        m = mu.detach().double().cpu().numpy()
+        self.a = np.ascontiguousarray(1.0 / (s + EPS), dtype=np.float32)
+        self.b = np.ascontiguousarray(-m / (s + EPS), dtype=np.float32)
+        self.kernels = kernels
+        self.rh = np.array([k[0] // 2 for k in kernels], dtype=np.int32)
+        self.rw = np.array([k[1] // 2 for k in kernels], dtype=np.int32)
+        c = len(self.a)
+        hr, wr = work
+        self.inv = np.ascontiguousarray(np.stack([
+            1.0 / (c * _window_counts(hr, int(rh))[:, None] * _window_counts(wr, int(rw))[None, :])
+            for rh, rw in zip(self.rh, self.rw)]), dtype=np.float32)
+        self.interp: Dict[Tuple[int, int], Tuple[np.ndarray, ...]] = {}
+
+    def indices(self, h: int, w: int, work: Tuple[int, int]) -> Tuple[np.ndarray, ...]:
+        if (h, w) not in self.interp:
+            self.interp[(h, w)] = (*linear_indices(h, work[0]), *linear_indices(w, work[1]))
+        return self.interp[(h, w)]
+
+
+class CpuZMask:
+    """The per-(layer, kernel) SPR terms of ``ZMask.reference_terms`` for CPU float32 taps, from the C kernel.
+
+    ``threads`` (default: ``$ZMASK_CPU_THREADS``, else torch's intra-op thread count at call time) splits the
+    channels."""
+
+    def __init__(self, cfg: ZMaskConfig, stats: ChannelStats, threads: Optional[int] = None) -> None:
+        if cfg.spr.mode != "same":
+            raise CpuKernelUnavailable(f"the CPU kernel implements SPR mode 'same' only, not {cfg.spr.mode!r}")
+        self.cfg, self.stats, self.threads = cfg, stats, threads
+        spr = cfg.spr
+        self.work = (int(spr.work_size[0]), int(spr.work_size[1]))
+        self.layers: Dict[str, _Layer] = {}
+        for name in cfg.layers:
+            kernels = ((spr.kernels_shallow if name in cfg.shallow else ())
+                       + (spr.kernels_deep if name in cfg.deep else ()))
+            unique = list(dict.fromkeys(tuple(int(v) for v in k) for k in kernels))
+            self.layers[name] = _Layer(stats.mu[name], stats.sigma[name], unique, self.work)
+        self.fn = load().zm_cpu_terms
+
+    def terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Term, torch.Tensor]:
+        """{(layer, kernel): (N,1,HR,WR) float32} for the hooked layers of ``taps`` (CPU tensors), one C call."""
+        hr, wr = self.work
+        threads = int(self.threads or os.environ.get("ZMASK_CPU_THREADS") or torch.get_num_threads())
+        descs = (_Desc * len(self.layers))()
+        keep: List[torch.Tensor] = []             # the tensors the raw pointers point into, alive until the call ends
+        results: List[Tuple[_Layer, torch.Tensor]] = []
+        for d, (name, lay) in zip(descs, self.layers.items()):
+            t = taps[name]
+            if t.dim() != 4 or t.device.type != "cpu":
+                raise ValueError(f"layer {name!r}: the CPU kernel takes a (N,C,H,W) CPU map, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+            if t.shape[1] != len(lay.a):
+                raise ValueError(f"layer {name!r}: tap has {t.shape[1]} channels but statistics have {len(lay.a)}")
+            t = t.detach().to(torch.float32).contiguous()
+            n, c, h, w = (int(v) for v in t.shape)
+            y0, y1, ly, x0, x1, lx = lay.indices(h, w, self.work)
+            res = torch.empty(n, len(lay.kernels), hr, wr, dtype=torch.float32)
+            keep += [t, res]
+            results.append((lay, res))
+            d.tap, d.n, d.c, d.h, d.w = t.data_ptr(), n, c, h, w
+            d.a, d.b, d.inv, d.out = lay.a.ctypes.data, lay.b.ctypes.data, lay.inv.ctypes.data, res.data_ptr()
+            d.y0, d.y1, d.ly, d.x0, d.x1, d.lx = (v.ctypes.data for v in (y0, y1, ly, x0, x1, lx))
+            d.nk, d.rh, d.rw = len(lay.kernels), lay.rh.ctypes.data, lay.rw.ctypes.data
+        if self.fn(descs, len(self.layers), hr, wr, threads) != 0:
+            raise MemoryError("the Z-Mask CPU kernel could not allocate its scratch")
+        out: Dict[Term, torch.Tensor] = {}
+        for (name, _), (lay, res) in zip(self.layers.items(), results):
+            for i, k in enumerate(lay.kernels):
+                out[(name, k)] = res[:, i:i + 1]
+        return out
+
+
+__all__ = ["CpuKernelUnavailable", "CpuZMask", "cpu_available", "linear_indices", "load"]
