@@ -137,8 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", default="auto")
     p.add_argument("--kernels", default="auto", choices=BACKENDS,
-                   help="Z-Mask heatmaps: auto (fused CUDA kernels after a parity self-check on CUDA, else the "
-                        "plain-torch reference), fused (kernels or an error), reference")
+                   help="Z-Mask heatmaps: auto (the fused CUDA kernels on CUDA, the C kernel on CPU, each after a "
+                        "one-time parity self-check, else the plain-torch reference), fused (a kernel or "
+                        "an error), reference")
     p.add_argument("--report-dir", default=None)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)

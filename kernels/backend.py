@@ -5,7 +5,11 @@
 * ``"auto"``: the kernels only for CUDA taps without autograd, when they are available AND a one-time
   parity check against the reference passes for that (device, dtypes); otherwise the reference, with
   one warning when the kernels were expected but failed or disagreed.
-The reference stays the default and the only CPU path.
+
+CPU float32 taps (inference, 'same' SPR mode) go to the CPU kernel (``kernels.cpu``: the SPR terms in
+C, the cascades and fusion in the reference's torch code) under the same two rules: ``"fused"`` uses
+it or fails clearly, ``"auto"`` after the same one-time parity check, else the reference.
+The plain-torch reference stays the default (``"reference"``) and the oracle.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from realtime.defenses.zmask import Detection
 
+from .cpu import CpuKernelUnavailable, CpuZMask, cpu_available
 from .fused import FusedZMask
 from .launch import DTYPES
 from .runtime import KernelsUnavailable, available
@@ -42,7 +47,25 @@ def heatmap_backend(mode: str) -> Union[str, Callable[[Any], "FusedRouter"]]:
         raise ValueError(f"heatmap_backend must be one of {', '.join(BACKENDS)}, got {mode!r}")
     if mode == "reference":
         return mode
-    return functools.partial(FusedRouter, mode=mode)
+    return RouterFactory(mode)
+
+
+class RouterFactory:
+    """``ZMask(heatmap_backend=RouterFactory(mode))`` attaches a ``FusedRouter``; ``cpu_kernel_ready()`` tells a
+    defense builder that CPU taps will go through the CPU kernel (so an engine's plain tapped graph plus the
+    kernel is preferred to computing the heatmaps inside the engine's own graph)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, zmask: Any) -> "FusedRouter":
+        return FusedRouter(zmask, mode=self.mode)
+
+    def cpu_kernel_ready(self) -> bool:
+        return cpu_available()[0]
+
+    def __repr__(self) -> str:
+        return f"RouterFactory({self.mode!r})"
 
 
 class FusedRouter:
@@ -57,10 +80,14 @@ class FusedRouter:
         self.verdicts: Dict[Tuple[Any, ...], bool] = {}   # auto: (device, dtypes) -> self-check passed
         self.messages: List[str] = []
         self._available: Optional[Tuple[bool, str]] = None
+        self._cpu: Optional[CpuZMask] = None
+        self.cpu_verdict: Optional[bool] = None         # auto: the CPU kernel's one-time self-check
         if mode == "fused":
             ok, why = available()
-            if not ok:
-                raise KernelsUnavailable(f"heatmap_backend='fused' needs the fused CUDA kernels: {why}")
+            cpu_ok, cpu_why = cpu_available()
+            if not ok and not cpu_ok:
+                raise KernelsUnavailable(f"heatmap_backend='fused' needs the fused CUDA kernels ({why}) or the CPU "
+                                         f"kernel ({cpu_why})")
 
     @property
     def zmask(self) -> Any:
@@ -93,6 +120,8 @@ class FusedRouter:
         return True, ""
 
     def use(self, taps: Dict[str, torch.Tensor], with_fusion: bool) -> bool:
+        if self.on_cpu(taps):
+            return self._use_cpu(taps, with_fusion)
         ok, why = self.eligible(taps, with_fusion)
         if self.mode == "fused":
             if not ok:
@@ -114,6 +143,87 @@ class FusedRouter:
             self.verdicts[key] = self._self_check(taps)
         return self.verdicts[key]
 
+    # ------------------------------------------------------------------ CPU kernel
+    def on_cpu(self, taps: Dict[str, torch.Tensor]) -> bool:
+        maps = [taps.get(n) for n in self.zmask.cfg.layers]
+        return all(isinstance(m, torch.Tensor) and m.device.type == "cpu" for m in maps)
+
+    def cpu_eligible(self, taps: Dict[str, torch.Tensor]) -> Tuple[bool, str]:
+        """(True, "") when these CPU taps can go through the CPU kernel, else (False, why)."""
+        zm = self.zmask
+        if zm.cfg.spr.mode != "same":
+            return False, f"SPR mode {zm.cfg.spr.mode!r} (the CPU kernel implements 'same')"
+        maps = [taps[n] for n in zm.cfg.layers]
+        if any(m.dtype != torch.float32 for m in maps):
+            return False, f"tap dtypes {sorted({str(m.dtype) for m in maps})} (the CPU kernel reads float32)"
+        if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
+            return False, "taps require grad (the CPU kernel has no backward)"
+        return True, ""
+
+    def cpu_engine(self) -> CpuZMask:
+        zm = self.zmask
+        if self._cpu is None or self._cpu.stats is not zm.stats or self._cpu.cfg != zm.cfg:
+            self._cpu = CpuZMask(zm.cfg, zm.stats)
+        return self._cpu
+
+    def _use_cpu(self, taps: Dict[str, torch.Tensor], with_fusion: bool) -> bool:
+        if with_fusion:
+            return False                 # the fusion block, flag and mask stay in torch (they are tiny)
+        ok, why = self.cpu_eligible(taps)
+        if self.mode == "fused":
+            if ok:
+                ok, why = cpu_available()
+                why = f"the taps are not on a CUDA device and {why}" if not ok else why
+            if not ok:
+                raise RuntimeError(f"heatmap_backend='fused' cannot run here: {why}. Run under torch.no_grad() / "
+                                   "torch.inference_mode() with float32 taps, or use heatmap_backend='auto'")
+            return True
+        if not ok:
+            return False
+        if self.cpu_verdict is None:
+            self.cpu_verdict = self._cpu_self_check(taps)
+        return self.cpu_verdict
+
+    def _cpu_self_check(self, taps: Dict[str, torch.Tensor]) -> bool:
+        """CPU kernel vs reference heatmaps on these taps, within the float32 tolerance."""
+        zm = self.zmask
+        tol = SELF_CHECK_TOL[torch.float32]
+        try:
+            with torch.no_grad():
+                got = self.terms(taps)
+                h_s, h_d, _ = zm.maps_from_terms(got, with_fine=False)
+                r_s, r_d = zm.reference_heatmaps(taps)
+                errs = {"h_s": rel_err(h_s, r_s), "h_d": rel_err(h_d, r_d)}
+        except (CpuKernelUnavailable, MemoryError, ValueError) as exc:
+            self._warn(f"the Z-Mask CPU kernel cannot run ({type(exc).__name__}: {exc}); using the reference heatmaps")
+            return False
+        bad = {k: v for k, v in errs.items() if not v <= tol}
+        if bad:
+            self._warn(f"the Z-Mask CPU kernel disagrees with the reference (relative errors {bad}, tolerance {tol}); "
+                       "using the reference heatmaps")
+            return False
+        return True
+
+    def terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Tuple[int, int]], torch.Tensor]:
+        """The SPR terms of CPU taps from the CPU kernel (``ZMask.reference_terms``' numbers)."""
+        return self.cpu_engine().terms(taps)
+
+    def maybe_terms(self, taps: Dict[str, torch.Tensor]) -> Optional[Dict[Tuple[str, Tuple[int, int]], torch.Tensor]]:
+        """The CPU kernel's terms when it runs for these taps, else None (what a growing calibration needs)."""
+        return self.terms(taps) if self.on_cpu(taps) and self.use(taps, with_fusion=False) else None
+
+    def in_use(self) -> str:
+        """What computed the heatmaps so far: 'cpu kernel', 'cuda kernels', 'reference', or a '+'-joined mix."""
+        used = []
+        if self._cpu is not None and self.cpu_verdict is not False:
+            used.append("cpu kernel")
+        if self._engine is not None and (self.mode == "fused" or any(self.verdicts.values())):
+            used.append("cuda kernels")
+        if not used or self.cpu_verdict is False or (self.verdicts and not all(self.verdicts.values())):
+            used.append("reference")
+        return "+".join(used)
+
+    # ------------------------------------------------------------------ CUDA kernels
     def _self_check(self, taps: Dict[str, torch.Tensor]) -> bool:
         """Fused vs reference on these taps: heatmaps, soft mask and score within SELF_CHECK_TOL."""
         zm = self.zmask
@@ -148,6 +258,9 @@ class FusedRouter:
         return functools.reduce(torch.promote_types, (taps[n].dtype for n in self.zmask.cfg.layers))
 
     def heatmaps(self, taps: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.on_cpu(taps):
+            h_s, h_d, _ = self.zmask.maps_from_terms(self.terms(taps), with_fine=False)
+            return h_s, h_d
         h_s, h_d = self.engine().heatmaps(taps)
         dt = self._out_dtype(taps)
         return h_s.to(dt), h_d.to(dt)
@@ -159,4 +272,4 @@ class FusedRouter:
         return det._replace(h_s=det.h_s.to(dt), h_d=det.h_d.to(dt))
 
 
-__all__ = ["BACKENDS", "FusedRouter", "heatmap_backend", "SELF_CHECK_TOL", "rel_err"]
+__all__ = ["BACKENDS", "FusedRouter", "RouterFactory", "heatmap_backend", "SELF_CHECK_TOL", "rel_err"]

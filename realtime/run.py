@@ -85,8 +85,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="compute precision of the engine (outputs and Z-Mask stay float32)")
     p.add_argument("--kernels", default="auto", choices=BACKENDS,
-                   help="Z-Mask heatmaps: auto (fused CUDA kernels after a parity self-check on CUDA, else the "
-                        "plain-torch reference), fused (kernels or an error), reference")
+                   help="Z-Mask heatmaps: auto (the fused CUDA kernels on CUDA, the C kernel on CPU, each after a "
+                        "one-time parity self-check, else the plain-torch reference), fused (a kernel or "
+                        "an error), reference")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--output", default=None, help="annotated video (default runs/realtime/<source>.mp4; 'none' to skip)")
     p.add_argument("--events", default=None, help="JSON-lines events (default: next to the video)")

@@ -17,6 +17,8 @@ import torch
 from engines import EngineConfig, build_engine
 from engines.defended_export import export_defended, export_plain
 from engines.defended_graph import LABEL_OUTPUTS
+from kernels import heatmap_backend
+from kernels.cpu import cpu_available
 from realtime.defenses.artifact import load_calibration
 from realtime.defenses.registry import DefenseContext, build_defense
 from realtime.models import build_model, fingerprint
@@ -136,6 +138,42 @@ def test_zmask_on_onnxruntime_runs_the_defended_graph(ddrnet, tmp_path):
     assert bool(got.flagged.all()) and torch.equal(got.flagged, want.flagged)
     assert float((got.mask != want.mask).float().mean()) <= 1e-4
     torch.testing.assert_close(got.output, want.defended_output, atol=1e-3, rtol=1e-3)
+
+
+class _NoCpuKernel:
+    """A heatmap-backend factory that reports no CPU kernel (what a machine without a C compiler sees)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, zmask):
+        return self.inner(zmask)
+
+    def cpu_kernel_ready(self) -> bool:
+        return False
+
+
+@pytest.mark.skipif(not cpu_available()[0], reason="the Z-Mask CPU kernel cannot be built here (no C compiler)")
+def test_cpu_kernel_is_preferred_to_the_defended_graph(ddrnet, tmp_path):
+    """On CPU with the C kernel ready, the engine's plain tapped graph feeds the kernel (faster than the graph's
+    own heatmaps); without it the defended graph is used. Both give the reference's decisions."""
+    model, cal = ddrnet
+    hw = (96, 128)
+    eng = build_engine(model, cal.config.layers, EngineConfig(backend="onnxruntime", input_shape=hw,
+                                                              cache_dir=str(tmp_path), threads=1))
+    ctx = lambda: DefenseContext(model, "ddrnet23_slim", engine=eng, loaded_calibration=cal)  # noqa: E731
+    fast = build_defense("zmask", ctx(), heatmap_backend=heatmap_backend("auto"))
+    graph = build_defense("zmask", ctx(), heatmap_backend=_NoCpuKernel(heatmap_backend("auto")))
+    assert fast.zm.heatmap_backend == "auto" and graph.zm.heatmap_backend == "onnxruntime-graph"
+    ref = cal.build_zmask(model)
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = ref(x)
+        for d in (fast, graph):
+            got = d(x)
+            assert float((got.score - want.score).abs().max()) <= SCORE_TOL
+            assert torch.equal(got.flagged, want.flagged)
+    assert fast.describe()["heatmaps"] == "cpu kernel"
 
 
 @pytest.mark.parametrize("name", ["ddrnet23_slim", "bisenetv1"])

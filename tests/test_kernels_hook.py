@@ -34,30 +34,51 @@ def test_default_is_reference_and_names_are_checked() -> None:
         _zm("cuda")
 
 
-def test_auto_on_cpu_taps_is_the_reference_silently() -> None:
+def test_auto_on_cpu_taps_without_the_cpu_kernel_is_the_reference_silently(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(B, "cpu_available", lambda: (False, "no C compiler (stand-in)"))
+    ref, taps = _zm()
+    auto, _ = _zm("auto")
+    monkeypatch.setattr(auto._fused, "terms", lambda t: pytest.fail("the CPU kernel must not run"))
+    monkeypatch.setattr(auto._fused, "cpu_eligible", lambda t: (False, "stand-in: kernel unavailable"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        da, db = auto.detect(taps, (18, 24)), ref.detect(taps, (18, 24))
+    assert all(torch.equal(x, y) for x, y in zip(da, db))
+    assert auto._fused.eligible(taps, False) == (False, "taps are not on a CUDA device")
+
+
+@pytest.mark.skipif(not B.cpu_available()[0], reason="no C compiler here: the CPU kernel cannot be built")
+def test_auto_on_cpu_taps_uses_the_cpu_kernel_after_its_self_check() -> None:
     ref, taps = _zm()
     auto, _ = _zm("auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a, b = auto.heatmaps(taps), ref.heatmaps(taps)
         da, db = auto.detect(taps, (18, 24)), ref.detect(taps, (18, 24))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert all(torch.equal(x, y) for x, y in zip(da, db))
-    assert auto._fused.eligible(taps, False) == (False, "taps are not on a CUDA device")
+    assert auto._fused.cpu_verdict is True
+    assert B.rel_err(a[0], b[0]) < 1e-5 and B.rel_err(a[1], b[1]) < 1e-5
+    assert torch.allclose(da.score, db.score, rtol=1e-5, atol=1e-7) and torch.equal(da.flagged, db.flagged)
+    with torch.enable_grad():                                  # grad-requiring taps stay on the reference
+        gt = {k: v.clone().requires_grad_(True) for k, v in taps.items()}
+        assert auto._fused.cpu_eligible(gt)[0] is False
+        assert torch.equal(auto.heatmaps(gt)[0].detach(), ref.heatmaps(gt)[0].detach())
 
 
 @pytest.mark.skipif(kernels.available()[0], reason="the kernels are available here")
-def test_fused_without_cuda_fails_clearly_at_construction() -> None:
-    with pytest.raises(kernels.KernelsUnavailable, match="heatmap_backend='fused'.*(CUDA|cupy)"):
+def test_fused_without_cuda_or_compiler_fails_clearly_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(B, "cpu_available", lambda: (False, "no C compiler (stand-in)"))
+    with pytest.raises(kernels.KernelsUnavailable, match="heatmap_backend='fused'.*(CUDA|cupy).*no C compiler"):
         _zm("fused")
 
 
-def test_fused_refuses_cpu_taps_and_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_refuses_cpu_taps_without_cpu_kernel_and_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(B, "available", lambda: (True, "stand-in"))
+    monkeypatch.setattr(B, "cpu_available", lambda: (False, "no C compiler (stand-in)"))
     zm, taps = _zm("fused")
-    with pytest.raises(RuntimeError, match="not on a CUDA device"):
+    with pytest.raises(RuntimeError, match="not on a CUDA device and no C compiler"):
         zm.heatmaps(taps)
     router = zm._fused
+    monkeypatch.setattr(router, "on_cpu", lambda t: False)
     monkeypatch.setattr(router, "eligible", lambda t, with_fusion: (False, "fusion parameters require grad")
                         if with_fusion else (True, ""))
     assert router.use(taps, with_fusion=True) is False      # detect: fused heatmaps + torch fusion block
@@ -90,6 +111,7 @@ def _auto_with(monkeypatch: pytest.MonkeyPatch, **kw) -> Tuple[ZMask, Dict[str, 
     monkeypatch.setattr(B, "available", lambda: (True, "stand-in"))
     zm, taps = _zm("auto")
     eng = _StandIn(zm, **kw)
+    monkeypatch.setattr(zm._fused, "on_cpu", lambda t: False)           # route these CPU taps as if on CUDA
     monkeypatch.setattr(zm._fused, "eligible", lambda t, with_fusion: (True, ""))
     monkeypatch.setattr(zm._fused, "engine", lambda: eng)
     return zm, taps, eng
