@@ -279,9 +279,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=100, help="timed rounds per config")
     p.add_argument("--warmup", type=int, default=10, help="discarded rounds before timing")
     p.add_argument("--pool", type=int, default=16, help="distinct frames per kind (cycled)")
-    p.add_argument("--kernel", "--kernels", dest="kernel", choices=("fused", "reference", "auto"),
-                   help="Z-Mask heatmap backend (CUDA kernels on CUDA, the C kernel on CPU), passed as "
-                        "ZMask(heatmap_backend=kernels.heatmap_backend(...))")
+    p.add_argument("--kernel", "--kernels", dest="kernel", choices=("fused", "reference", "auto"), default="auto",
+                   help="Z-Mask heatmap backend (default auto, as realtime.run: CUDA kernels on CUDA, the C "
+                        "kernel on CPU), passed as ZMask(heatmap_backend=kernels.heatmap_backend(...))")
     p.add_argument("--no-temporal", action="store_true", help=f"skip the {TEMPORAL} path")
     p.add_argument("--streams", type=int, default=0, metavar="N",
                    help=f"also time N streams batched into one {TEMPORAL} step vs N x one stream (N >= 2)")

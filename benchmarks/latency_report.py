@@ -174,7 +174,7 @@ def config_markdown(c: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def zmask_clean_overhead(c: Dict[str, Any], goal_pct: float = 15.0) -> Optional[str]:
+def zmask_clean_overhead(c: Dict[str, Any], goal_pct: float = 5.0) -> Optional[str]:
     """One line: Z-Mask's clean-frame overhead over the backbone and which stages it goes to."""
     try:
         zm, base = c["entries"]["zmask"]["clean"], c["entries"]["none"]["clean"]
@@ -185,7 +185,9 @@ def zmask_clean_overhead(c: Dict[str, Any], goal_pct: float = 15.0) -> Optional[
     parts = [f"{k} {zs[k]:.1f} ms" for k in ("heatmaps", "fusion", "mask", "second_pass") if zs.get(k)]
     parts.append(f"backbone with taps {zs.get('backbone', 0.0) - bs.get('backbone', 0.0):+.1f} ms vs bare")
     verdict = "meets" if ov <= goal_pct else "misses"
-    return (f"Z-Mask on clean frames ({config_title(c)}): {ov:+.1f} % over the bare backbone "
+    path = c.get("defenses", {}).get("zmask", {}).get("heatmaps")
+    return (f"Z-Mask on clean frames ({config_title(c)}{f', heatmaps: {path}' if path else ''}): "
+            f"{ov:+.1f} % over the bare backbone "
             f"({zm['latency_ms']['median']:.1f} vs {base['latency_ms']['median']:.1f} ms median; {verdict} the "
             f"<= {goal_pct:.0f} % goal); stage medians: {', '.join(parts)}.")
 

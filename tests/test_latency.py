@@ -244,7 +244,7 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     assert "| `zmask` | attacked | 5 | 22.0 |" in md
     assert "+20.0 %" in md and "+120.0 %" in md           # against none's median of 10 ms
     assert "| `none` | clean | 5 | 10.0 |" in md and "baseline" in md
-    assert "+20.0 % over the bare backbone (12.0 vs 10.0 ms median; misses the <= 15 % goal)" in md
+    assert "+20.0 % over the bare backbone (12.0 vs 10.0 ms median; misses the <= 5 % goal)" in md
     assert "heatmaps 2.0 ms" in md
     assert "second_pass" in md and "skipped: x/y: why" in md and "Note: a note" in md
     assert written["png"].read_bytes()[:4] == b"\x89PNG"
