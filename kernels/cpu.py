@@ -8,8 +8,8 @@ split the channels. Only the per-term means come back to torch, where ``ZMask`` 
 so everything after the terms is the reference's own code.
 
 The library is compiled on first use with the system C compiler (``$CC``, else cc / gcc / clang;
-``-O3 -march=native``, retried without ``-march`` when that fails) into a per-user cache keyed by the
-source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile. ``cpu_available()`` says
+``-O3 -march=native -fopenmp``, retried without ``-march``, then without OpenMP, when that fails) into a
+per-user cache keyed by the source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile. ``cpu_available()`` says
 why it cannot run (no compiler, compile error) instead of raising; callers then stay on the reference.
 'same' SPR mode only ('demo' stays on the reference). Inference only: no autograd.
 """
@@ -33,7 +33,8 @@ from realtime.defenses import ChannelStats, ZMaskConfig
 
 SOURCE = Path(__file__).with_name("zmask_cpu.c")
 EPS = 1e-5                     # spr.zscore's eps
-FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+# OpenMP first (the team is torch's own intra-op pool, see zmask_cpu.c), then plain POSIX threads.
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 Term = Tuple[str, Tuple[int, int]]
 
 _LOCK = threading.Lock()

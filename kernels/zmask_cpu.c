@@ -9,12 +9,17 @@
  * plain-torch reference (realtime/defenses/spr.py) is the oracle.
  *
  * One call covers all layers: the (layer, frame, channel) items are split into contiguous shares of
- * about equal cost, one POSIX thread per share (thread start-up costs ~0.1 ms on the 2-core VM, so it
- * is paid once per frame, not per layer); each thread has its own accumulators, summed in thread
- * order after the join, so the result does not depend on scheduling.
+ * about equal cost; each share has its own accumulators, summed in share order at the end, so the
+ * result does not depend on scheduling. Built with OpenMP, the shares run on an OpenMP team: the
+ * library then binds to the libgomp.so.1 torch has already loaded, so the team is torch's own
+ * intra-op pool, still spinning from the backbone, instead of fresh threads that fight those spinning
+ * ones for the cores. Built without it, one POSIX thread per share (start-up ~0.1 ms per call).
  */
 #include <math.h>
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -180,12 +185,21 @@ int zm_cpu_terms(const zm_layer *layers, int nl, int hr, int wr, int threads) {
         shares[s].acc = mem + (size_t)s * (maps + scratch);
         shares[s].scratch = shares[s].acc + maps;
     }
+#ifdef _OPENMP
+    (void)tid; (void)started;
+    #pragma omp parallel num_threads(used)
+    {   /* a smaller team than asked for (nested, or a limit) still covers every share */
+        const int nth = omp_get_num_threads();
+        for (int s = omp_get_thread_num(); s < used; s += nth) zm_worker(&shares[s]);
+    }
+#else
     for (int s = 1; s < used; ++s) started[s] = pthread_create(&tid[s], NULL, zm_worker, &shares[s]) == 0;
     zm_worker(&shares[0]);
     for (int s = 1; s < used; ++s) {
         if (started[s]) pthread_join(tid[s], NULL);
         else zm_worker(&shares[s]);           /* no thread: do its share here */
     }
+#endif
     size_t off = 0;
     for (int l = 0; l < nl; ++l) {
         const zm_layer *L = &layers[l];
