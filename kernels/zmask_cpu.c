@@ -24,7 +24,6 @@
 #include <string.h>
 
 #define ZM_MAX_THREADS 64
-#define ZM_ROWS 2                             /* source rows prefix-summed together (independent chains) */
 
 typedef struct {                              /* one hooked layer; mirrored by kernels/cpu.py's _Desc */
     const float *tap; int n, c, h, w;         /* (n, c, h, w) float32, contiguous */
@@ -38,84 +37,121 @@ typedef struct {                              /* one hooked layer; mirrored by k
 
 typedef struct {
     const zm_layer *layer; int hr, wr;
-    float *acc;                               /* this thread's (n, nk, hr, wr) sums for this layer */
+    float *acc;                               /* this thread's (n, nk, wr, hr) sums for this layer (transposed) */
     float *scratch;
 } zm_job;
 
-/* Table rows are padded by P = the largest half-width on both sides: P zeros on the left (the table's
- * first column is zero) and P copies of the last column on the right, so every clipped window is
- * one contiguous difference with no edge cases. */
-static int zm_pad(const zm_layer *L) {
+/* The tables are stored transposed (one row per working-grid column, the working-grid rows contiguous)
+ * and padded on both axes by the largest half-widths (PH rows, PW columns): zeros before the table's
+ * first row/column (which is zero) and copies of its last one after, so every clipped 'same'-mode
+ * window is one difference of four reads with no edge cases, and every inner loop runs over
+ * contiguous memory (vectorised). */
+static int zm_pad_h(const zm_layer *L) {
+    int p = 0;
+    for (int k = 0; k < L->nk; ++k) if (L->rh[k] > p) p = L->rh[k];
+    return p;
+}
+
+static int zm_pad_w(const zm_layer *L) {
     int p = 0;
     for (int k = 0; k < L->nk; ++k) if (L->rw[k] > p) p = L->rw[k];
     return p;
 }
 
-static size_t zm_scratch(const zm_layer *L, int hr, int wr) {
-    const size_t rs = (size_t)wr + 1 + 2 * (size_t)zm_pad(L);
-    return (size_t)(L->h + hr + 1) * rs + rs + (size_t)ZM_ROWS * wr;
+static size_t zm_table_size(const zm_layer *L, int hr, int wr) {
+    return ((size_t)wr + 1 + 2 * (size_t)zm_pad_w(L)) * ((size_t)hr + 1 + 2 * (size_t)zm_pad_h(L));
 }
 
-static void zm_channel(const zm_job *jb, int item) {
+/* run + the transposed column sums + two tables (two channels share one sweep of the accumulators) */
+static size_t zm_scratch(const zm_layer *L, int hr, int wr) {
+    const size_t S = (size_t)hr + 1 + 2 * (size_t)zm_pad_h(L);
+    return (size_t)L->w + (size_t)L->w * S + 2 * zm_table_size(L, hr, wr);
+}
+
+/* Per-item cost for splitting the work into equal shares (inner-loop iterations). */
+static double zm_cost(const zm_layer *L, int hr, int wr) {
+    const double S = hr + 1 + 2 * zm_pad_h(L);
+    return (double)hr * L->w * 2 + (double)wr * S + (double)L->nk * wr * hr;
+}
+
+/* The z-scored, resized map of one (frame, channel) item as a padded, transposed summed-area table. */
+static void zm_table(const zm_job *jb, int item, float *restrict sat) {
     const zm_layer *L = jb->layer;
-    const int h = L->h, w = L->w, hr = jb->hr, wr = jb->wr, nk = L->nk, P = zm_pad(L);
-    const int rs = wr + 1 + 2 * P;                    /* padded row stride; column j is at [P + j] */
-    const int fr = item / L->c, ch = item % L->c;
-    const float *restrict t = L->tap + (size_t)item * h * w;
+    const int w = L->w, hr = jb->hr, wr = jb->wr, PH = zm_pad_h(L), PW = zm_pad_w(L);
+    const int S = hr + 1 + 2 * PH;                    /* stride of a transposed row; SAT row r is at [PH + r] */
+    const int ch = item % L->c;
+    const float *restrict t = L->tap + (size_t)item * L->h * w;
     const float a = L->a[ch], b = L->b[ch];
-    const int *restrict x0 = L->x0, *restrict x1 = L->x1, *restrict y0 = L->y0, *restrict y1 = L->y1;
-    const float *restrict lx = L->lx, *restrict ly = L->ly;
-    float *restrict hx = jb->scratch;                 /* h padded rows: source rows along x, prefix-summed */
-    float *restrict sat = hx + (size_t)h * rs;        /* hr+1 padded rows: the summed-area table */
-    float *restrict cj = sat + (size_t)(hr + 1) * rs; /* one padded row: the column count j, clamped */
-    float *restrict tmp = cj + rs;                    /* ZM_ROWS x wr: interpolated rows */
+    float *restrict run = jb->scratch;                /* w running column sums */
+    float *restrict qt = run + w;                     /* w rows: the column prefix sums, transposed */
 
-    /* Along x first: interpolate each source row, then its prefix sum (the table's x axis). The
-     * vertical interpolation and the z-score are affine, so they commute with this prefix sum:
-     * prefix(a * v + b)[j] = a * prefix(v)[j] + b * j. */
-    for (int y = 0; y < h; y += ZM_ROWS) {
-        const int m = h - y < ZM_ROWS ? h - y : ZM_ROWS;
-        for (int r = 0; r < m; ++r) {
-            const float *restrict row = t + (size_t)(y + r) * w;
-            float *restrict o = tmp + (size_t)r * wr;
-            for (int j = 0; j < wr; ++j) o[j] = row[x0[j]] + lx[j] * (row[x1[j]] - row[x0[j]]);
-        }
-        float s[ZM_ROWS] = {0.0f};
-        for (int j = 0; j < wr; ++j)              /* ZM_ROWS independent add chains, interleaved */
-            for (int r = 0; r < m; ++r) {
-                s[r] += tmp[(size_t)r * wr + j];
-                hx[(size_t)(y + r) * rs + P + j + 1] = s[r];
-            }
-        for (int r = 0; r < m; ++r) {
-            float *restrict o = hx + (size_t)(y + r) * rs;
-            for (int j = 0; j <= P; ++j) o[j] = 0.0f;
-            for (int j = 1; j <= P; ++j) o[P + wr + j] = s[r];
-        }
+    /* Down the rows: interpolate each working row from its two source rows, z-score it (a*v + b: the
+     * interpolation weights sum to 1, so this is z-score after resize), add it to the running column
+     * sums, store those transposed. */
+    for (int x = 0; x < w; ++x) run[x] = 0.0f;
+    for (int i = 0; i < hr; ++i) {
+        const float *restrict r0 = t + (size_t)L->y0[i] * w, *restrict r1 = t + (size_t)L->y1[i] * w;
+        const float l1 = L->ly[i], l0 = 1.0f - l1;
+        for (int x = 0; x < w; ++x) run[x] += a * (l0 * r0[x] + l1 * r1[x]) + b;
+        for (int x = 0; x < w; ++x) qt[(size_t)x * S + PH + i + 1] = run[x];
     }
-    for (int j = 0; j < rs; ++j) {
-        const int c = j - P;
-        cj[j] = (float)(c < 0 ? 0 : (c > wr ? wr : c));
-        sat[j] = 0.0f;
+    for (int x = 0; x < w; ++x) {
+        float *restrict q = qt + (size_t)x * S;
+        for (int e = 0; e <= PH; ++e) q[e] = 0.0f;
+        for (int e = 1; e <= PH; ++e) q[PH + hr + e] = run[x];
     }
-    for (int i = 0; i < hr; ++i) {                    /* along y: interpolate, z-score, prefix down */
-        const float *restrict r0 = hx + (size_t)y0[i] * rs, *restrict r1 = hx + (size_t)y1[i] * rs;
-        const float l1 = ly[i], l0 = 1.0f - l1;
-        float *restrict s = sat + (size_t)(i + 1) * rs;
-        const float *restrict above = s - rs;
-        for (int j = 0; j < rs; ++j)
-            s[j] = above[j] + (a * (l0 * r0[j] + l1 * r1[j]) + b * cj[j]);
+    /* Across the columns: interpolate each working column from its two source columns (whole transposed
+     * rows, padding included) and prefix-sum: the table, column by column. */
+    for (int e = 0; e < (PW + 1) * S; ++e) sat[e] = 0.0f;
+    for (int j = 0; j < wr; ++j) {
+        const float *restrict q0 = qt + (size_t)L->x0[j] * S, *restrict q1 = qt + (size_t)L->x1[j] * S;
+        const float l1 = L->lx[j], l0 = 1.0f - l1;
+        const float *restrict prev = sat + (size_t)(PW + j) * S;
+        float *restrict cur = sat + (size_t)(PW + j + 1) * S;
+        for (int e = 0; e < S; ++e) cur[e] = prev[e] + (l0 * q0[e] + l1 * q1[e]);
     }
+    for (int p = 1; p <= PW; ++p)
+        memcpy(sat + (size_t)(PW + wr + p) * S, sat + (size_t)(PW + wr) * S, sizeof(float) * (size_t)S);
+}
 
+/* Every kernel's |window sum| of one table (t2 NULL) or of two tables of the same frame, added to that
+ * frame's accumulators: two tables per sweep halve the accumulator traffic. */
+static void zm_windows(const zm_job *jb, int fr, const float *restrict t1, const float *restrict t2) {
+    const zm_layer *L = jb->layer;
+    const int hr = jb->hr, wr = jb->wr, nk = L->nk, PH = zm_pad_h(L), PW = zm_pad_w(L);
+    const int S = hr + 1 + 2 * PH;
     for (int k = 0; k < nk; ++k) {
         const int rh = L->rh[k], rw = L->rw[k];
-        float *restrict acc = jb->acc + ((size_t)fr * nk + k) * hr * wr;
-        for (int i = 0; i < hr; ++i) {
-            const int i1 = i - rh < 0 ? 0 : i - rh, i2 = i + rh + 1 > hr ? hr : i + rh + 1;
-            const float *restrict hi = sat + (size_t)i2 * rs + P + rw + 1, *restrict lo = sat + (size_t)i2 * rs + P - rw;
-            const float *restrict hi0 = sat + (size_t)i1 * rs + P + rw + 1, *restrict lo0 = sat + (size_t)i1 * rs + P - rw;
-            float *restrict o = acc + (size_t)i * wr;
-            for (int j = 0; j < wr; ++j) o[j] += fabsf((hi[j] - hi0[j]) - (lo[j] - lo0[j]));
+        float *restrict acc = jb->acc + ((size_t)fr * nk + k) * wr * hr;
+        for (int j = 0; j < wr; ++j) {
+            const size_t hi = (size_t)(PW + j + rw + 1) * S + PH, lo = (size_t)(PW + j - rw) * S + PH;
+            const float *restrict h1 = t1 + hi, *restrict l1 = t1 + lo;
+            float *restrict o = acc + (size_t)j * hr;
+            if (t2 == NULL) {
+                for (int i = 0; i < hr; ++i)
+                    o[i] += fabsf((h1[i + rh + 1] - h1[i - rh]) - (l1[i + rh + 1] - l1[i - rh]));
+            } else {
+                const float *restrict h2 = t2 + hi, *restrict l2 = t2 + lo;
+                for (int i = 0; i < hr; ++i)
+                    o[i] += fabsf((h1[i + rh + 1] - h1[i - rh]) - (l1[i + rh + 1] - l1[i - rh]))
+                          + fabsf((h2[i + rh + 1] - h2[i - rh]) - (l2[i + rh + 1] - l2[i - rh]));
+            }
         }
+    }
+}
+
+/* Items [lo, hi) of one layer, two channels of the same frame at a time. */
+static void zm_items(const zm_job *jb, long lo, long hi) {
+    const zm_layer *L = jb->layer;
+    const size_t S = (size_t)jb->hr + 1 + 2 * (size_t)zm_pad_h(L);
+    float *t1 = jb->scratch + (size_t)L->w + (size_t)L->w * S, *t2 = t1 + zm_table_size(L, jb->hr, jb->wr);
+    for (long item = lo; item < hi;) {
+        const int fr = (int)(item / L->c);
+        const int pair = item + 1 < hi && (item + 1) / L->c == fr;
+        zm_table(jb, (int)item, t1);
+        if (pair) zm_table(jb, (int)item + 1, t2);
+        zm_windows(jb, fr, t1, pair ? t2 : NULL);
+        item += pair ? 2 : 1;
     }
 }
 
@@ -136,7 +172,7 @@ static void *zm_worker(void *arg) {
         const long lo = sh->begin > base ? sh->begin - base : 0;
         const long hi = sh->end - base < items ? sh->end - base : items;
         zm_job jb = {L, sh->hr, sh->wr, sh->acc + off, sh->scratch};
-        for (long item = lo; item < hi; ++item) zm_channel(&jb, (int)item);
+        if (lo < hi) zm_items(&jb, lo, hi);
         base += items;
         off += (size_t)L->n * L->nk * sh->hr * sh->wr;
     }
@@ -154,7 +190,7 @@ int zm_cpu_terms(const zm_layer *layers, int nl, int hr, int wr, int threads) {
         maps += (size_t)L->n * L->nk * hr * wr;
         const size_t need = zm_scratch(L, hr, wr);
         if (need > scratch) scratch = need;
-        total += (double)L->n * L->c * ((double)L->h * wr + (double)hr * wr * (1 + L->nk));
+        total += (double)L->n * L->c * zm_cost(L, hr, wr);
     }
     if (items == 0) return 0;
     if (threads < 1) threads = 1;
@@ -172,7 +208,7 @@ int zm_cpu_terms(const zm_layer *layers, int nl, int hr, int wr, int threads) {
     shares[0].begin = 0;
     for (int l = 0; l < nl && t < threads - 1; ++l) {
         const zm_layer *L = &layers[l];
-        const double per = (double)L->h * wr + (double)hr * wr * (1 + L->nk);
+        const double per = zm_cost(L, hr, wr);
         for (long i = 0; i < (long)L->n * L->c && t < threads - 1; ++i, ++g) {
             done += per;
             if (done >= total * (t + 1) / threads) { shares[t].end = g + 1; shares[++t].begin = g + 1; }
@@ -203,12 +239,15 @@ int zm_cpu_terms(const zm_layer *layers, int nl, int hr, int wr, int threads) {
     size_t off = 0;
     for (int l = 0; l < nl; ++l) {
         const zm_layer *L = &layers[l];
-        const size_t plane = (size_t)L->nk * hr * wr, n = (size_t)L->n * plane;
-        for (size_t idx = 0; idx < n; ++idx) {
-            float v = 0.0f;
-            for (int s = 0; s < used; ++s) v += shares[s].acc[off + idx];
-            L->out[idx] = v * L->inv[idx % plane];
-        }
+        const size_t plane = (size_t)hr * wr, n = (size_t)L->n * L->nk * plane;
+        for (size_t p = 0; p < n; p += plane)             /* (frame, kernel) planes; acc is transposed */
+            for (int i = 0; i < hr; ++i)
+                for (int j = 0; j < wr; ++j) {
+                    const size_t src = off + p + (size_t)j * hr + i;
+                    float v = 0.0f;
+                    for (int s = 0; s < used; ++s) v += shares[s].acc[src];
+                    L->out[p + (size_t)i * wr + j] = v * L->inv[(p / plane) % L->nk * plane + (size_t)i * wr + j];
+                }
         off += n;
     }
     free(mem);
