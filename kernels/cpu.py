@@ -9,8 +9,9 @@ so everything after the terms is the reference's own code.
 
 The library is compiled on first use with the system C compiler (``$CC``, else cc / gcc / clang;
 ``-O3 -march=native -fopenmp``, retried without ``-march``, then without OpenMP, when that fails) into a
-per-user cache keyed by the source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile. ``cpu_available()`` says
-why it cannot run (no compiler, compile error) instead of raising; callers then stay on the reference.
+per-user cache keyed by the source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile.
+``cpu_available()`` says why it cannot run (no compiler, compile error) instead of raising; callers then
+stay on the reference.
 'same' SPR mode only ('demo' stays on the reference). Inference only: no autograd.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from realtime.defenses import ChannelStats, ZMaskConfig
+
+from .emulate import linear_index, windows
 
 SOURCE = Path(__file__).with_name("zmask_cpu.c")
 EPS = 1e-5                     # spr.zscore's eps
@@ -136,20 +139,16 @@ def cpu_available() -> Tuple[bool, str]:
 
 
 def linear_indices(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and the weight of i1 per output index: ``F.interpolate(mode='bilinear',
-    align_corners=False)`` along one axis (float32 arithmetic as torch's CPU kernel; identity when equal)."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), n_in - 1)
-    lam = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0.astype(np.int32), i1.astype(np.int32), lam
+    """Source indices (i0, i1) and the weight of i1 per output index of torch's bilinear resize along one axis
+    (``emulate.linear_index``, the fused kernels' mirror), as the C kernel reads them."""
+    i0, i1, _, l1 = linear_index(np.arange(n_out), n_in, n_out)
+    return i0.astype(np.int32), i1.astype(np.int32), np.ascontiguousarray(l1, dtype=np.float32)
 
 
-def _window_counts(n: int, r: int) -> np.ndarray:
-    i = np.arange(n)
-    return (np.minimum(i + r + 1, n) - np.maximum(i - r, 0)).astype(np.float64)
+def _window_counts(n: int, k: int) -> np.ndarray:
+    """Pixels in each clipped 'same'-mode window of size ``k`` along an axis of ``n``."""
+    first, last = windows(n, k, "same")
+    return (last - first + 1).astype(np.float64)
 
 
 class _Layer:
@@ -165,8 +164,8 @@ class _Layer:
         c = len(self.a)
         hr, wr = work
         self.inv = np.ascontiguousarray(np.stack([
-            1.0 / (c * _window_counts(hr, int(rh))[:, None] * _window_counts(wr, int(rw))[None, :])
-            for rh, rw in zip(self.rh, self.rw)]), dtype=np.float32)
+            1.0 / (c * _window_counts(hr, kh)[:, None] * _window_counts(wr, kw)[None, :]) for kh, kw in kernels]),
+            dtype=np.float32)
         self.interp: Dict[Tuple[int, int], Tuple[np.ndarray, ...]] = {}
 
     def indices(self, h: int, w: int, work: Tuple[int, int]) -> Tuple[np.ndarray, ...]:
