@@ -197,12 +197,7 @@ class FusedRouter:
         except (CpuKernelUnavailable, MemoryError, ValueError) as exc:
             self._warn(f"the Z-Mask CPU kernel cannot run ({type(exc).__name__}: {exc}); using the reference heatmaps")
             return False
-        bad = {k: v for k, v in errs.items() if not v <= tol}
-        if bad:
-            self._warn(f"the Z-Mask CPU kernel disagrees with the reference (relative errors {bad}, tolerance {tol}); "
-                       "using the reference heatmaps")
-            return False
-        return True
+        return self._verdict(errs, tol, "the Z-Mask CPU kernel disagrees")
 
     def terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Tuple[int, int]], torch.Tensor]:
         """The SPR terms of CPU taps from the CPU kernel (``ZMask.reference_terms``' numbers)."""
@@ -240,9 +235,13 @@ class FusedRouter:
             self._warn(f"fused kernels failed their first run ({type(exc).__name__}: {exc}); "
                        "using the reference heatmaps")
             return False
+        return self._verdict(errs, tol, "fused kernels disagree")
+
+    def _verdict(self, errs: Dict[str, float], tol: float, subject: str) -> bool:
+        """True when every relative error is within ``tol``; else one warning naming the offenders."""
         bad = {k: v for k, v in errs.items() if not v <= tol}
         if bad:
-            self._warn(f"fused kernels disagree with the reference (relative errors {bad}, tolerance {tol}); "
+            self._warn(f"{subject} with the reference (relative errors {bad}, tolerance {tol}); "
                        "using the reference heatmaps")
             return False
         return True
