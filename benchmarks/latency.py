@@ -125,11 +125,11 @@ def build_defenses(names: Sequence[str], ctx: DefenseContext, kernel: Optional[s
     """``none`` plus each requested defense that builds here; the others are noted and left out."""
     out: Dict[str, Any] = {}
     for name in ["none", *[n for n in names if n != "none"]]:
-        opts = {"heatmap_backend": heatmap_backend(kernel)} if (name == "zmask" and kernel) else {}
+        opts = {"heatmap_backend": heatmap_backend(kernel)} if (name in ("zmask", "zmask_cue") and kernel) else {}
         try:
             out[name] = make_defense(name, ctx, **opts)
         except TypeError as exc:
-            if name == "zmask" and kernel:
+            if name in ("zmask", "zmask_cue") and kernel:
                 raise RuntimeError(f"--kernel {kernel}: this ZMask has no heatmap_backend option ({exc})") from None
             raise
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:

@@ -20,9 +20,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from realtime.defenses import ChannelStats
 from realtime.defenses.zmask import Detection
 
-from .cpu import CpuKernelUnavailable, CpuZMask, cpu_available
+from .cpu import CpuKernelUnavailable, CpuMeanAbsZ, CpuZMask, cpu_available
 from .fused import FusedZMask
 from .launch import DTYPES
 from .runtime import KernelsUnavailable, available
@@ -82,6 +83,7 @@ class FusedRouter:
         self._available: Optional[Tuple[bool, str]] = None
         self._cpu: Optional[CpuZMask] = None
         self.cpu_verdict: Optional[bool] = None         # auto: the CPU kernel's one-time self-check
+        self._mean_abs: Dict[int, Tuple[ChannelStats, CpuMeanAbsZ, Optional[bool]]] = {}   # id(stats) -> kernel, verdict
         if mode == "fused":
             ok, why = available()
             cpu_ok, cpu_why = cpu_available()
@@ -206,6 +208,35 @@ class FusedRouter:
     def maybe_terms(self, taps: Dict[str, torch.Tensor]) -> Optional[Dict[Tuple[str, Tuple[int, int]], torch.Tensor]]:
         """The CPU kernel's terms when it runs for these taps, else None (what a growing calibration needs)."""
         return self.terms(taps) if self.on_cpu(taps) and self.use(taps, with_fusion=False) else None
+
+    def mean_abs_z(self, taps: Dict[str, torch.Tensor], stats: ChannelStats,
+                   reference: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+                   ) -> Optional[Dict[str, torch.Tensor]]:
+        """{layer: (N,1,HR,WR)} channel mean of |z| (z from ``stats``) on the working grid from the CPU kernel, or
+        None when these taps do not go through it (CUDA or non-float32 taps, autograd, no kernel, or ``auto``'s
+        one-time check against ``reference(taps)`` failed): the caller then computes the reference itself.
+        This is how a second statistic on other layers (the outlier cue) shares the kernel."""
+        maps = [taps.get(n) for n in stats.layers()]
+        if not all(isinstance(m, torch.Tensor) and m.device.type == "cpu" and m.dtype == torch.float32
+                   and m.dim() == 4 for m in maps):
+            return None
+        if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
+            return None
+        if not cpu_available()[0]:
+            return None
+        entry = self._mean_abs.get(id(stats))
+        if entry is None or entry[0] is not stats:
+            entry = (stats, CpuMeanAbsZ(stats, self.zmask.cfg.spr.work_size), None)
+        _, kernel, verdict = entry
+        if verdict is None:
+            verdict = True
+            if self.mode == "auto":
+                with torch.no_grad():
+                    got, ref = kernel.mean_abs(taps), reference(taps)
+                verdict = self._verdict({n: rel_err(got[n], ref[n]) for n in ref}, SELF_CHECK_TOL[torch.float32],
+                                        "the CPU kernel's per-cell |z| disagrees")
+        self._mean_abs[id(stats)] = (stats, kernel, verdict)
+        return kernel.mean_abs(taps) if verdict else None
 
     def in_use(self) -> str:
         """What computed the heatmaps so far: 'cpu kernel', 'cuda kernels', 'reference', or a '+'-joined mix."""

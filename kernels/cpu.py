@@ -174,28 +174,24 @@ class _Layer:
         return self.interp[(h, w)]
 
 
-class CpuZMask:
-    """The per-(layer, kernel) SPR terms of ``ZMask.reference_terms`` for CPU float32 taps, from the C kernel.
+class CpuTerms:
+    """Window-mean terms ``channel mean of |BoxMean_k(z)|`` on a working grid for CPU float32 taps, one C call.
 
-    ``threads`` (default: ``$ZMASK_CPU_THREADS``, else torch's intra-op thread count at call time) splits the
-    channels."""
+    ``layers``: {name: (mu, sigma, kernels)}, each layer z-scored with its own statistics and pooled with its
+    own 'same'-mode kernels; a (1, 1) kernel gives the plain channel mean of |z| per cell. ``threads``
+    (default: ``$ZMASK_CPU_THREADS``, else torch's intra-op thread count at call time) splits the channels."""
 
-    def __init__(self, cfg: ZMaskConfig, stats: ChannelStats, threads: Optional[int] = None) -> None:
-        if cfg.spr.mode != "same":
-            raise CpuKernelUnavailable(f"the CPU kernel implements SPR mode 'same' only, not {cfg.spr.mode!r}")
-        self.cfg, self.stats, self.threads = cfg, stats, threads
-        spr = cfg.spr
-        self.work = (int(spr.work_size[0]), int(spr.work_size[1]))
-        self.layers: Dict[str, _Layer] = {}
-        for name in cfg.layers:
-            kernels = ((spr.kernels_shallow if name in cfg.shallow else ())
-                       + (spr.kernels_deep if name in cfg.deep else ()))
-            unique = list(dict.fromkeys(tuple(int(v) for v in k) for k in kernels))
-            self.layers[name] = _Layer(stats.mu[name], stats.sigma[name], unique, self.work)
+    def __init__(self, layers: Dict[str, Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]],
+                 work: Tuple[int, int], threads: Optional[int] = None) -> None:
+        self.work = (int(work[0]), int(work[1]))
+        self.threads = threads
+        self.layers: Dict[str, _Layer] = {
+            name: _Layer(mu, sigma, list(dict.fromkeys(tuple(int(v) for v in k) for k in kernels)), self.work)
+            for name, (mu, sigma, kernels) in layers.items()}
         self.fn = load().zm_cpu_terms
 
     def terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Term, torch.Tensor]:
-        """{(layer, kernel): (N,1,HR,WR) float32} for the hooked layers of ``taps`` (CPU tensors), one C call."""
+        """{(layer, kernel): (N,1,HR,WR) float32} for the layers of ``taps`` (CPU tensors), one C call."""
         hr, wr = self.work
         threads = int(self.threads or os.environ.get("ZMASK_CPU_THREADS") or torch.get_num_threads())
         descs = (_Desc * len(self.layers))()
@@ -227,4 +223,30 @@ class CpuZMask:
         return out
 
 
-__all__ = ["CpuKernelUnavailable", "CpuZMask", "cpu_available", "linear_indices", "load"]
+class CpuZMask(CpuTerms):
+    """The per-(layer, kernel) SPR terms of ``ZMask.reference_terms`` for CPU float32 taps, from the C kernel."""
+
+    def __init__(self, cfg: ZMaskConfig, stats: ChannelStats, threads: Optional[int] = None) -> None:
+        if cfg.spr.mode != "same":
+            raise CpuKernelUnavailable(f"the CPU kernel implements SPR mode 'same' only, not {cfg.spr.mode!r}")
+        self.cfg, self.stats = cfg, stats
+        spr = cfg.spr
+        layers = {name: (stats.mu[name], stats.sigma[name],
+                         list((spr.kernels_shallow if name in cfg.shallow else ())
+                              + (spr.kernels_deep if name in cfg.deep else ())))
+                  for name in cfg.layers}
+        super().__init__(layers, spr.work_size, threads)
+
+
+class CpuMeanAbsZ(CpuTerms):
+    """Per layer the channel mean of |z| on the working grid (N,1,HR,WR): the (1, 1)-kernel term, e.g. the
+    outlier cue's map before its pooling (``realtime.defenses.cue``)."""
+
+    def __init__(self, stats: ChannelStats, work: Tuple[int, int], threads: Optional[int] = None) -> None:
+        super().__init__({n: (stats.mu[n], stats.sigma[n], [(1, 1)]) for n in stats.layers()}, work, threads)
+
+    def mean_abs(self, taps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: t for (name, _), t in self.terms(taps).items()}
+
+
+__all__ = ["CpuKernelUnavailable", "CpuMeanAbsZ", "CpuTerms", "CpuZMask", "cpu_available", "linear_indices", "load"]

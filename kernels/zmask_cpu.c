@@ -5,6 +5,8 @@
  *   z-score as a*x + b (a = 1/(sigma+eps), b = -mu*a: the same affine map as (x-mu)/(sigma+eps)),
  *   a summed-area table, and then, for every kernel of the layer, the clipped 'same'-mode window
  *   sum from four table reads, |.| accumulated over channels, times 1/(C * window pixels) at the end.
+ * A layer whose only kernel is 1x1 skips the table: each cell is resized, z-scored and |.| added directly
+ * (the per-cell channel mean of |z|, the outlier cue's map before its pooling).
  * Python (kernels/cpu.py) builds the cascades from these terms with the reference's own code; the
  * plain-torch reference (realtime/defenses/spr.py) is the oracle.
  *
@@ -58,6 +60,12 @@ static int zm_pad_w(const zm_layer *L) {
     return p;
 }
 
+/* A layer whose only kernel is 1x1 (the plain per-cell |z|, e.g. the outlier cue's map) needs no table:
+ * resize and z-score each cell directly and add its |z| to the frame's (transposed) accumulator. */
+static int zm_single_cell(const zm_layer *L) {
+    return L->nk == 1 && L->rh[0] == 0 && L->rw[0] == 0;
+}
+
 static size_t zm_table_size(const zm_layer *L, int hr, int wr) {
     return ((size_t)wr + 1 + 2 * (size_t)zm_pad_w(L)) * ((size_t)hr + 1 + 2 * (size_t)zm_pad_h(L));
 }
@@ -70,6 +78,7 @@ static size_t zm_scratch(const zm_layer *L, int hr, int wr) {
 
 /* Per-item cost for splitting the work into equal shares (inner-loop iterations). */
 static double zm_cost(const zm_layer *L, int hr, int wr) {
+    if (zm_single_cell(L)) return (double)hr * L->w + (double)hr * wr;
     const double S = hr + 1 + 2 * zm_pad_h(L);
     return (double)hr * L->w * 2 + (double)wr * S + (double)L->nk * wr * hr;
 }
@@ -140,9 +149,32 @@ static void zm_windows(const zm_job *jb, int fr, const float *restrict t1, const
     }
 }
 
+/* Resize and z-score each cell directly (no table) and add its |z| to the frame's transposed accumulator. */
+static void zm_direct(const zm_job *jb, int item) {
+    const zm_layer *L = jb->layer;
+    const int w = L->w, hr = jb->hr, wr = jb->wr, ch = item % L->c, fr = item / L->c;
+    const float *restrict t = L->tap + (size_t)item * L->h * w;
+    const float a = L->a[ch], b = L->b[ch];
+    float *restrict row = jb->scratch;
+    float *restrict acc = jb->acc + (size_t)fr * wr * hr;
+    for (int i = 0; i < hr; ++i) {
+        const float *restrict r0 = t + (size_t)L->y0[i] * w, *restrict r1 = t + (size_t)L->y1[i] * w;
+        const float l1 = L->ly[i], l0 = 1.0f - l1;
+        for (int x = 0; x < w; ++x) row[x] = l0 * r0[x] + l1 * r1[x];
+        for (int j = 0; j < wr; ++j) {
+            const float m1 = L->lx[j];
+            acc[(size_t)j * hr + i] += fabsf(a * ((1.0f - m1) * row[L->x0[j]] + m1 * row[L->x1[j]]) + b);
+        }
+    }
+}
+
 /* Items [lo, hi) of one layer, two channels of the same frame at a time. */
 static void zm_items(const zm_job *jb, long lo, long hi) {
     const zm_layer *L = jb->layer;
+    if (zm_single_cell(L)) {
+        for (long item = lo; item < hi; ++item) zm_direct(jb, (int)item);
+        return;
+    }
     const size_t S = (size_t)jb->hr + 1 + 2 * (size_t)zm_pad_h(L);
     float *t1 = jb->scratch + (size_t)L->w + (size_t)L->w * S, *t2 = t1 + zm_table_size(L, jb->hr, jb->wr);
     for (long item = lo; item < hi;) {

@@ -16,10 +16,12 @@ Artifact: one safetensors file, tensors ``mu/<layer>``, ``sigma/<layer>`` and JS
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from realtime.models import fingerprint, model_slug
 
 from .registry import DefenseContext, REPO, register_defense
 from .spr import SPRConfig, resize, to_work, zscore
-from .zmask import Detection, ZMask
+from .zmask import ChannelStats, Detection, HeatmapBackend, ZMask
 from .zmask_defense import ZMaskDefense, context_calibration
 
 FORMAT = "outlier-cue/1"
@@ -50,15 +52,26 @@ class OutlierCue:
     pool: int = 3
     extra: Dict[str, Any] = field(default_factory=dict)
 
-    def maps(self, taps: Dict[str, torch.Tensor], spr: SPRConfig) -> Dict[str, torch.Tensor]:
-        """Per layer (N,1,HR,WR): pooled channel-mean |z| on Z-Mask's working grid (differentiable)."""
+    def mean_abs(self, taps: Dict[str, torch.Tensor], spr: SPRConfig) -> Dict[str, torch.Tensor]:
+        """Per layer (N,1,HR,WR): channel-mean |z| on Z-Mask's working grid, before pooling (differentiable)."""
         out = {}
         for name in self.layers:
             f = taps[name].float()
             z = zscore(to_work(f, spr), self.mu[name].to(f.device), self.sigma[name].to(f.device))
-            out[name] = F.avg_pool2d(z.abs().mean(dim=1, keepdim=True), self.pool, 1, self.pool // 2,
-                                     count_include_pad=False)
+            out[name] = z.abs().mean(dim=1, keepdim=True)
         return out
+
+    def maps(self, taps: Dict[str, torch.Tensor], spr: SPRConfig,
+             mean_abs: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Per layer (N,1,HR,WR): pooled channel-mean |z| on Z-Mask's working grid (differentiable);
+        ``mean_abs``: those per-cell means already computed (e.g. by the CPU kernel), pooled here."""
+        cells = mean_abs if mean_abs is not None else self.mean_abs(taps, spr)
+        return {name: F.avg_pool2d(cells[name], self.pool, 1, self.pool // 2, count_include_pad=False)
+                for name in self.layers}
+
+    def stats(self) -> ChannelStats:
+        """The cue's own per-channel statistics, as Z-Mask's type (what a heatmap backend takes)."""
+        return ChannelStats({n: self.mu[n] for n in self.layers}, {n: self.sigma[n] for n in self.layers})
 
     def score(self, maps: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) max over layers and cells of map / frame threshold: > 1 flags the frame."""
@@ -119,36 +132,49 @@ class CuedZMask(ZMask):
     cues. On frames the cue flags, its hit cells are masked as well as Z-Mask's own mask.
 
     ``base`` must tap the cue's layers too (``build`` does that); its taps, statistics and fusion are
-    shared, not copied."""
+    shared, not copied. ``heatmap_backend`` as for ``ZMask``: with the CPU kernel it computes Z-Mask's terms
+    and the cue's per-cell |z| too (the pooling, score and mask stay here)."""
 
-    def __init__(self, base: ZMask, cue: OutlierCue) -> None:
+    def __init__(self, base: ZMask, cue: OutlierCue, heatmap_backend: Union[str, HeatmapBackend] = "reference") -> None:
         if not base.cfg.lambda0 > 0:
             raise ValueError(f"the outlier cue needs a positive lambda0 to share the score's units, "
                              f"got {base.cfg.lambda0}")
         missing = [n for n in cue.layers if n not in base.taps.layers]
         if missing:
             raise ValueError(f"the Z-Mask does not tap the cue's layers {missing}; build it with CuedZMask.build")
-        super().__init__(base.taps, base.cfg, base.stats, base.fusion)
+        super().__init__(base.taps, base.cfg, base.stats, base.fusion, heatmap_backend=heatmap_backend)
         self.cue = cue
+        self.cue_stats = cue.stats()
 
     @classmethod
-    def build(cls, cal: Any, model: torch.nn.Module, cue: OutlierCue) -> "CuedZMask":
+    def build(cls, cal: Any, model: torch.nn.Module, cue: OutlierCue,
+              heatmap_backend: Union[str, HeatmapBackend] = "reference") -> "CuedZMask":
         """From a calibration artifact: one set of hooks on Z-Mask's and the cue's layers together."""
         layers = tuple(dict.fromkeys((*cal.config.layers, *cue.layers)))
-        return cls(cal.build_zmask(model, check=False, taps=ActivationTaps(model, layers)), cue)
+        return cls(cal.build_zmask(model, check=False, taps=ActivationTaps(model, layers)), cue, heatmap_backend)
+
+    def cue_maps(self, taps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The cue's pooled maps; the per-cell |z| from the heatmap backend's kernel when it takes these taps."""
+        kernel = getattr(self._fused, "mean_abs_z", None)
+        cells = kernel(taps, self.cue_stats, lambda t: self.cue.mean_abs(t, self.cfg.spr)) if kernel else None
+        return self.cue.maps(taps, self.cfg.spr, cells)
 
     def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int], timer=None) -> Detection:
+        timer = timer or (lambda _stage: nullcontext())
         det = super().detect(taps, size, timer)
-        maps = self.cue.maps(taps, self.cfg.spr)
-        cue = self.cue.score(maps)
-        score = torch.maximum(det.score, cue.to(det.score.dtype) * self.cfg.lambda0)
-        by_cue = cue.detach() > 1.0
-        flagged = det.flagged | by_cue
+        with timer("heatmaps"):
+            maps = self.cue_maps(taps)
+        with timer("fusion"):
+            cue = self.cue.score(maps)
+            score = torch.maximum(det.score, cue.to(det.score.dtype) * self.cfg.lambda0)
+            by_cue = cue.detach() > 1.0
+            flagged = det.flagged | by_cue
         mask = det.mask
         if bool(by_cue.any()):
-            hit = self.cue.hit(maps) & by_cue.view(-1, 1, 1, 1)
-            cue_keep = (resize(hit.to(det.mask.dtype), size, "nearest") < 0.5).to(det.mask.dtype)
-            mask = torch.minimum(det.mask, cue_keep)
+            with timer("mask"):
+                hit = self.cue.hit(maps) & by_cue.view(-1, 1, 1, 1)
+                cue_keep = (resize(hit.to(det.mask.dtype), size, "nearest") < 0.5).to(det.mask.dtype)
+                mask = torch.minimum(det.mask, cue_keep)
         return Detection(det.h_s, det.h_d, det.soft_mask, score, flagged, mask)
 
 
@@ -168,8 +194,14 @@ def cue_path(model_name: str) -> Path:
 
 
 @register_defense("zmask_cue")
-def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None) -> CuedZMaskDefense:
-    """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue)."""
+def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None, threshold: Optional[float] = None,
+                     heatmap_backend: Union[str, HeatmapBackend] = "reference") -> CuedZMaskDefense:
+    """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue); ``threshold``
+    overrides lambda0 (the cue's own threshold is unchanged: it is scaled into lambda0's units). The module is
+    hooked (an engine's taps hold Z-Mask's layers only, not the cue's)."""
     cal = context_calibration(ctx)
     oc = load_cue(cue or cue_path(ctx.model_name), ctx.model)
-    return CuedZMaskDefense(CuedZMask.build(cal, ctx.model, oc).eval())
+    zm = CuedZMask.build(cal, ctx.model, oc, heatmap_backend)
+    if threshold is not None:
+        zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
+    return CuedZMaskDefense(zm.eval())

@@ -171,7 +171,7 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     ctx = DefenseContext(model, cfg.model, device=device, engine=engine, data=cfg.data,
                          calibration=calibration_path(cfg), loaded_calibration=cal)
     options: Dict[str, Any] = {}
-    if cfg.defense == "zmask":
+    if cfg.defense in ("zmask", "zmask_cue"):
         try:
             options = {"threshold": cfg.threshold, "heatmap_backend": heatmap_backend(cfg.kernels)}
         except (ValueError, RuntimeError) as exc:

@@ -1,0 +1,98 @@
+"""The outlier cue's per-cell |z| on the CPU kernel (kernels.cpu.CpuMeanAbsZ, routed by FusedRouter.mean_abs_z)
+against its plain-torch reference (OutlierCue.mean_abs), and zmask_cue with the kernel against zmask_cue without.
+
+Skipped (saying why) where no C compiler exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu as C
+from kernels.backend import heatmap_backend
+from realtime.defenses import SPRConfig
+from realtime.defenses.cue import OutlierCue
+from realtime.defenses.registry import REPO, DefenseContext, build_defense
+from realtime.models import build_model
+
+needs_cc = pytest.mark.skipif(not C.cpu_available()[0], reason=f"CPU kernel unavailable: {C.cpu_available()[1]}")
+CAL = REPO / "calibration" / "shipped" / "ddrnet23_slim.safetensors"
+
+
+def _cue(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = tuple(shapes)
+    mu = {n: torch.randn(s[1], generator=g) for n, s in shapes.items()}
+    sigma = {n: torch.rand(s[1], generator=g) + 0.3 for n, s in shapes.items()}
+    taps = {n: torch.randn(*s, generator=g) * 2 + 0.5 for n, s in shapes.items()}
+    return OutlierCue("m", "f", names, mu, sigma, {n: 1.0 for n in names}, {n: 1.0 for n in names}), taps
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("work", [(53, 70), (12, 9), (40, 40)])
+def test_mean_abs_matches_the_reference(threads, work):
+    cue, taps = _cue({"a": (2, 32, 90, 120), "b": (2, 5, 7, 11), "c": (2, 3, 40, 40)})
+    spr = SPRConfig(work, ((3, 3),), ((3, 3),))
+    got = C.CpuMeanAbsZ(cue.stats(), work, threads=threads).mean_abs(taps)
+    ref = cue.mean_abs(taps, spr)
+    for n in cue.layers:
+        assert got[n].shape == ref[n].shape == (2, 1, *work)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-5)
+    # non-contiguous taps and the pooled maps
+    odd = {n: t.transpose(2, 3).contiguous().transpose(2, 3) for n, t in taps.items()}
+    torch.testing.assert_close(cue.maps(odd, spr, C.CpuMeanAbsZ(cue.stats(), work).mean_abs(odd)), cue.maps(taps, spr),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("ddrnet23_slim").eval()
+
+
+def _frames():
+    """Two frames of the bundled demo clip; the second with the library EOT L patch pasted on."""
+    import av
+    import numpy as np
+    from PIL import Image
+    clip = REPO / "realtime" / "live" / "sources" / "assets" / "demo_0016E5" / "frames.mp4"
+    with av.open(str(clip)) as f:
+        imgs = [fr.to_ndarray(format="rgb24") for _, fr in zip(range(2), f.decode(video=0))]
+    x = torch.stack([torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1) for i in imgs]).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(360, 480), mode="bilinear", align_corners=False)
+    patch = np.asarray(Image.open(REPO / "realtime" / "attacks" / "library" / "ddrnet23_slim_eot_L.png").convert("RGB"))
+    p = torch.from_numpy(patch.copy()).permute(2, 0, 1).float() / 255
+    x[1, :, 146:146 + p.shape[1], 169:169 + p.shape[2]] = p
+    return x
+
+
+@needs_cc
+def test_zmask_cue_on_the_kernel_equals_the_reference(model):
+    ctx = DefenseContext(model, "ddrnet23_slim", calibration=CAL)
+    ref = build_defense("zmask_cue", ctx)
+    fast = build_defense("zmask_cue", ctx, heatmap_backend=heatmap_backend("auto"))
+    x = _frames()
+    with torch.inference_mode():
+        a, b = ref(x), fast(x)
+        cue_ref = ref.zm.cue.score(ref.zm.cue_maps(ref.zm.taps(x)[1]))
+        cue_fast = fast.zm.cue.score(fast.zm.cue_maps(fast.zm.taps(x)[1]))
+    torch.testing.assert_close(b.score, a.score, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cue_fast, cue_ref, rtol=1e-4, atol=1e-6)
+    assert torch.equal(a.flagged, b.flagged) and torch.equal(a.mask, b.mask)
+    assert a.flagged.tolist() == [False, True] and float(cue_ref[1]) > 1.0    # the cue itself flags the 'patch'
+    assert fast.describe()["heatmaps"] == "cpu kernel" and ref.describe()["heatmaps"] == "reference"
+    router = fast.zm._fused
+    assert [v for _, _, v in router._mean_abs.values()] == [True]       # the cue went through the kernel, checked once
+    assert x.equal(_frames())
+
+
+@needs_cc
+def test_cue_under_autograd_stays_on_the_differentiable_reference(model):
+    ctx = DefenseContext(model, "ddrnet23_slim", calibration=CAL)
+    fast = build_defense("zmask_cue", ctx, heatmap_backend=heatmap_backend("auto"))
+    x = _frames().requires_grad_(True)
+    _, taps = fast.zm.taps(x)
+    maps = fast.zm.cue_maps(taps)
+    fast.zm.cue.score(maps).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert not fast.zm._fused._mean_abs                                 # never asked the kernel
+
