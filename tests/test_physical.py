@@ -185,3 +185,15 @@ def test_physical_benchmark_end_to_end(tmp_path, camvid_root):
     assert 0 <= t["miou"]["attacked"] <= 1 and (out / "ddrnet23_slim_eot_L_shipped_traces.png").is_file()
     assert main(args + ["--resume"]) == 0                       # finished runs are read back
     assert json.loads((out / "ddrnet23_slim_eot_L_shipped.json").read_text())["totals"] == t
+
+
+def test_physical_cue_option_reaches_the_defense_and_the_run_identity(tmp_path):
+    from benchmarks.physical import Bench, parse_args
+    from realtime.defenses.cue import cue_path, load_cue
+    own = tmp_path / "my_cue.safetensors"
+    own.write_bytes(cue_path("ddrnet23_slim").read_bytes())
+    cfg = parse_args(["--model", "ddrnet23_slim", "--defense", "zmask_cue", "--cue", str(own)])
+    assert cfg.cue == str(own)
+    bench = Bench(cfg)
+    assert bench.defense.zm.cue.frame_threshold == load_cue(own).frame_threshold
+    assert "cue" in bench.identity and "cue" not in Bench(parse_args(["--defense", "zmask_cue"])).identity
