@@ -96,3 +96,18 @@ def test_cue_under_autograd_stays_on_the_differentiable_reference(model):
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert not fast.zm._fused._mean_abs                                 # never asked the kernel
 
+
+
+def test_live_zmask_cue_gets_the_kernels_option():
+    """``realtime.run --defense zmask_cue --kernels auto`` attaches the backend (it used to run the reference)."""
+    from realtime import run as cli
+    from realtime.live.build import build
+    from realtime.live.pipeline import PipelineConfig
+    from realtime.live.voting import VotingConfig
+    args = cli.parse_args(["--source", "demo", "--defense", "zmask_cue", "--kernels", "auto", "--output", "none"])
+    rt = build(cli.config_from_args(args), torch.device("cpu"), PipelineConfig(imgsz=None, voting=VotingConfig.parse("3/5")))
+    zm = rt.step.defense.zm
+    assert rt.description["kernels"] == "auto" and zm._fused is not None
+    with torch.inference_mode():
+        rt.step.defense(_frames()[:1])
+    assert zm.heatmaps_in_use() == ("cpu kernel" if C.cpu_available()[0] else "reference")

@@ -194,6 +194,9 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
                 "voting": pipeline.voting.describe(), "engine": engine_desc}
     else:
         desc = {**defense.describe(), "voting": pipeline.voting.describe(), "engine": engine_desc}
+        zm = getattr(defense, "zm", None)
+        if zm is not None:      # zmask_cue: the backend asked for ("heatmaps" says what has run so far: nothing yet)
+            desc["kernels"] = zm.heatmap_backend
     return Runtime(step, {**desc, **task_desc}, imgsz)
 
 
