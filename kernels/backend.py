@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -150,12 +150,13 @@ class FusedRouter:
         maps = [taps.get(n) for n in self.zmask.cfg.layers]
         return all(isinstance(m, torch.Tensor) and m.device.type == "cpu" for m in maps)
 
-    def cpu_eligible(self, taps: Dict[str, torch.Tensor]) -> Tuple[bool, str]:
-        """(True, "") when these CPU taps can go through the CPU kernel, else (False, why)."""
+    def cpu_eligible(self, taps: Dict[str, torch.Tensor], layers: Optional[Sequence[str]] = None) -> Tuple[bool, str]:
+        """(True, "") when these CPU taps (of ``layers``, default Z-Mask's) can go through the CPU kernel, else
+        (False, why)."""
         zm = self.zmask
         if zm.cfg.spr.mode != "same":
             return False, f"SPR mode {zm.cfg.spr.mode!r} (the CPU kernel implements 'same')"
-        maps = [taps[n] for n in zm.cfg.layers]
+        maps = [taps[n] for n in (zm.cfg.layers if layers is None else layers)]
         if any(m.dtype != torch.float32 for m in maps):
             return False, f"tap dtypes {sorted({str(m.dtype) for m in maps})} (the CPU kernel reads float32)"
         if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
@@ -213,30 +214,30 @@ class FusedRouter:
                    reference: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
                    ) -> Optional[Dict[str, torch.Tensor]]:
         """{layer: (N,1,HR,WR)} channel mean of |z| (z from ``stats``) on the working grid from the CPU kernel, or
-        None when these taps do not go through it (CUDA or non-float32 taps, autograd, no kernel, or ``auto``'s
+        None when these taps do not go through it (``cpu_eligible``: CUDA or non-float32 taps, a 'demo'-mode grid,
+        autograd; no kernel; or ``auto``'s
         one-time check against ``reference(taps)`` failed): the caller then computes the reference itself.
         This is how a second statistic on other layers (the outlier cue) shares the kernel."""
-        maps = [taps.get(n) for n in stats.layers()]
-        if not all(isinstance(m, torch.Tensor) and m.device.type == "cpu" and m.dtype == torch.float32
-                   and m.dim() == 4 for m in maps):
-            return None
-        if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
-            return None
-        if not cpu_available()[0]:
+        layers = stats.layers()
+        if not all(isinstance(taps.get(n), torch.Tensor) and taps[n].device.type == "cpu" and taps[n].dim() == 4
+                   for n in layers) or not self.cpu_eligible(taps, layers)[0]:
             return None
         entry = self._mean_abs.get(id(stats))
         if entry is None or entry[0] is not stats:
+            if not cpu_available()[0]:
+                return None
             entry = (stats, CpuMeanAbsZ(stats, self.zmask.cfg.spr.work_size), None)
         _, kernel, verdict = entry
+        got = kernel.mean_abs(taps) if verdict is not False else None
         if verdict is None:
             verdict = True
             if self.mode == "auto":
                 with torch.no_grad():
-                    got, ref = kernel.mean_abs(taps), reference(taps)
+                    ref = reference(taps)
                 verdict = self._verdict({n: rel_err(got[n], ref[n]) for n in ref}, SELF_CHECK_TOL[torch.float32],
                                         "the CPU kernel's per-cell |z| disagrees")
         self._mean_abs[id(stats)] = (stats, kernel, verdict)
-        return kernel.mean_abs(taps) if verdict else None
+        return got if verdict else None
 
     def in_use(self) -> str:
         """What computed the heatmaps so far: 'cpu kernel', 'cuda kernels', 'reference', or a '+'-joined mix."""
