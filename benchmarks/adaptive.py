@@ -41,7 +41,7 @@ from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.core.devices import describe, pick_device
 from realtime.data import CamVid, resolve_data_dir
 from realtime.defenses.artifact import load_calibration
-from realtime.defenses.registry import DefenseContext
+from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext
 from realtime.models import build_model, fingerprint, model_slug
 
 from .adaptive_report import frontier_markdown, plot_frontier, summarize_point
@@ -51,7 +51,6 @@ from .robustness_runner import CellSettings, cell_signature, load_cell, run_cell
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / "benchmarks" / "results" / "adaptive"
-ZMASK_VARIANTS = ("zmask", "zmask_cue")
 ATTACKERS: Dict[str, WhiteBoxConfig] = {
     "full": WhiteBoxConfig(),
     "zscore": WhiteBoxConfig(score_weight=0.0, mask_weight=0.0, second_pass=False),

@@ -30,7 +30,7 @@ from benchmarks.latency_report import device_slug, environment, write_all
 from benchmarks.timing import Entry, measure, overhead, rss_peak_scope, summarize_samples
 from kernels.backend import heatmap_backend
 from realtime.core.cli import USER_ERRORS, parse_hw, report_error
-from realtime.defenses.registry import DefenseContext, build_defense, list_defenses
+from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense, list_defenses
 from realtime.core.devices import pick_device
 from realtime.models import build_model
 
@@ -125,11 +125,11 @@ def build_defenses(names: Sequence[str], ctx: DefenseContext, kernel: Optional[s
     """``none`` plus each requested defense that builds here; the others are noted and left out."""
     out: Dict[str, Any] = {}
     for name in ["none", *[n for n in names if n != "none"]]:
-        opts = {"heatmap_backend": heatmap_backend(kernel)} if (name in ("zmask", "zmask_cue") and kernel) else {}
+        opts = {"heatmap_backend": heatmap_backend(kernel)} if (name in ZMASK_VARIANTS and kernel) else {}
         try:
             out[name] = make_defense(name, ctx, **opts)
         except TypeError as exc:
-            if name in ("zmask", "zmask_cue") and kernel:
+            if name in ZMASK_VARIANTS and kernel:
                 raise RuntimeError(f"--kernel {kernel}: this ZMask has no heatmap_backend option ({exc})") from None
             raise
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:

@@ -39,7 +39,7 @@ from realtime.core.cli import USER_ERRORS, report_error, write_json
 from realtime.core.devices import describe, pick_device
 from realtime.data import CamVid
 from realtime.defenses.artifact import load_calibration
-from realtime.defenses.registry import DefenseContext, build_defense
+from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense
 from realtime.live.sources.demo import DemoConfig, DemoSource
 from realtime.live.pipeline import preprocess
 from realtime.live.step import DefenseStep, to_label
@@ -107,7 +107,7 @@ class Bench:
         self.cal_path = cal_path
         cal = load_calibration(cal_path, self.model)
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=cal_path, loaded_calibration=cal)
-        if cfg.defense not in ("zmask", "zmask_cue"):
+        if cfg.defense not in ZMASK_VARIANTS:
             raise KeyError(f"--defense must be zmask or zmask_cue, got {cfg.defense!r}")
         self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}))
         self.voting = VotingConfig.parse(cfg.vote, mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)

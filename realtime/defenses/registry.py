@@ -31,6 +31,8 @@ BUILTIN_MODULES = (
 )
 
 Builder = Callable[..., Defense]
+# The defenses built on ZMask: they take ``threshold`` and ``heatmap_backend`` and expose ``.zm``.
+ZMASK_VARIANTS = ("zmask", "zmask_cue")
 DEFENSES: Registry[Builder] = Registry("defense", builtins=BUILTIN_MODULES)
 
 
@@ -79,4 +81,4 @@ def build_defense(name: str, ctx: DefenseContext, **options: Any) -> Defense:
     return DEFENSES.get(name)(ctx, **options)
 
 
-__all__ = ["BUILTIN_MODULES", "DEFENSES", "DefenseContext", "build_defense", "list_defenses", "register_defense"]
+__all__ = ["BUILTIN_MODULES", "DEFENSES", "ZMASK_VARIANTS", "DefenseContext", "build_defense", "list_defenses", "register_defense"]

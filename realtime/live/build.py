@@ -20,7 +20,7 @@ from engines import EngineConfig, EngineError, build_engine, engine_class
 from kernels.backend import heatmap_backend
 from realtime.core.errors import UsageError, one_line
 from realtime.defenses.artifact import Calibration, load_calibration
-from realtime.defenses.registry import DefenseContext, build_defense
+from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense
 from realtime.models import build_model, model_slug
 from realtime.models.registry import model_task
 
@@ -171,7 +171,7 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     ctx = DefenseContext(model, cfg.model, device=device, engine=engine, data=cfg.data,
                          calibration=calibration_path(cfg), loaded_calibration=cal)
     options: Dict[str, Any] = {}
-    if cfg.defense in ("zmask", "zmask_cue"):
+    if cfg.defense in ZMASK_VARIANTS:
         try:
             options = {"threshold": cfg.threshold, "heatmap_backend": heatmap_backend(cfg.kernels)}
         except (ValueError, RuntimeError) as exc:
