@@ -7,7 +7,9 @@
 With ``--frames SRC`` (anything ``realtime.run --source`` accepts) no labels are read: mu/sigma come
 from those frames, and the patches for step 2 are crafted against the model's own predictions on them
 (``calibration.footage``: universal EOT S/M/L, axis-aligned with the physical-capture simulation),
-plus the random-noise patches and half-contrast twins of the ``simple`` set.
+plus the random-noise patches and half-contrast twins of the ``simple`` set. ``--sources craft`` runs the
+same crafting against the CamVid labels: a labelled calibration that is not fitted on the library patches
+a benchmark then tests with.
 
 1. per-channel mu/sigma of every candidate layer on clean frames (streaming pooled estimator);
 2. a patched twin of each calibration frame, placed at random with the physical-capture simulation:
@@ -73,19 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scale the paper's SPR working grid and kernels (0.5: a detector whose hooked maps are all "
                         "<= 1/8 of the input loses nothing at half the paper's grid and costs 4x less)")
     p.add_argument("--patches", default=str(LIBRARY), help="folder of crafted patch PNGs (+JSON sidecars)")
-    p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple", "crafted"],
+    p.add_argument("--sources", default="auto", choices=["auto", "beta", "simple", "crafted", "craft"],
                    help="patches for the block: beta set (EOT + beta >= 0.5), simple (noise + EOT), crafted (EOT at "
-                        "full and half contrast, no noise), auto = beta if any")
+                        "full and half contrast, no noise), auto = beta if any; craft = EOT S/M/L crafted here "
+                        "against the split's labels (--craft-*), so the patches a benchmark tests with are not the "
+                        "ones the block was fitted on (always the case with --frames, against the model's predictions)")
     p.add_argument("--frames", default=None,
                    help="unlabeled calibration footage: video, folder, glob, cameraN or URL (replaces --data/--split)")
     p.add_argument("--max-frames", type=int, default=400, help="--frames: frames kept")
     p.add_argument("--every", type=int, default=1, help="--frames: keep every k-th frame")
     p.add_argument("--imgsz", type=parse_hw, default=(360, 480), help="--frames: model input HxW")
     p.add_argument("--craft-steps", type=int, default=200,
-                   help="--frames: EOT steps per patch crafted against the model's own predictions (0: none)")
-    p.add_argument("--craft-sizes", default="S,M,L", help="--frames: patch sizes to craft")
-    p.add_argument("--craft-batch", type=int, default=4, help="--frames: frames per crafting step")
-    p.add_argument("--time-budget", type=float, default=None, help="--frames: seconds for all the crafting")
+                   help="--frames / --sources craft: EOT steps per patch crafted here (0: none)")
+    p.add_argument("--craft-sizes", default="S,M,L", help="--frames / --sources craft: patch sizes to craft")
+    p.add_argument("--craft-batch", type=int, default=4, help="--frames / --sources craft: frames per crafting step")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="--frames / --sources craft: seconds for all the crafting")
     p.add_argument("--placement", default="random", choices=["random", "scene", "mixed"],
                    help="patched calibration twins: random (axis-aligned anywhere), scene (posters on the frames' "
                         "facades in perspective with occlusion, as a camera sees a print; labels, or the model's own "
@@ -142,15 +147,21 @@ def scene_sampler(args: argparse.Namespace, model: torch.nn.Module, frames: torc
     return SceneSampler(labels, seed=args.seed)
 
 
-def footage_sources(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, hw, fp: str, task: str):
-    """``--frames``: patches crafted against the model's own predictions (plus noise and half contrast)."""
+def crafted_sources(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor,
+                    labels: Optional[torch.Tensor], hw, fp: str, task: str):
+    """Patches crafted here (plus noise and half contrast): against the labels, or against the model's own
+    predictions when the frames have none (``--frames``)."""
     if task != "segmentation" or args.craft_steps <= 0:
+        if args.sources == "craft":
+            raise ValueError("--sources craft needs a segmenter and --craft-steps > 0")
         return training_sources(args, hw, fp, task), []
     dev = next(model.parameters()).device
-    labels = pseudo_labels(model, images, args.batch_size)
+    prefix = "label-eot" if labels is not None else "pseudo-eot"
+    if labels is None:
+        labels = pseudo_labels(model, images, args.batch_size)
     sizes = [s.strip().upper() for s in args.craft_sizes.split(",") if s.strip()]
     crafted = craft_patches(model, images, labels, sizes, args.craft_steps, dev, seed=args.seed,
-                            time_budget=args.time_budget, batch_size=args.craft_batch)
+                            time_budget=args.time_budget, batch_size=args.craft_batch, prefix=prefix)
     sources = make_sources(hw, [(n, p) for n, p, _s in crafted], seed=args.seed, task=task)
     return sources, [{"name": n, "hw": list(p.shape[1:]), "steps": s} for n, p, s in crafted]
 
@@ -176,8 +187,8 @@ def fit(args: argparse.Namespace) -> dict:
     fit_idx = list(range(0, len(images), step))[: args.fit_frames]
     clean_u8 = images[fit_idx]
     crafted_info: list = []
-    if args.frames:
-        sources, crafted_info = footage_sources(args, model, images, (h, w), fp, task)
+    if args.frames or args.sources == "craft":
+        sources, crafted_info = crafted_sources(args, model, images, labels, (h, w), fp, task)
     else:
         sources = training_sources(args, (h, w), fp, task)
     scene = scene_sampler(args, model, clean_u8, labels[fit_idx] if labels is not None else None)

@@ -80,8 +80,9 @@ def pseudo_labels(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: i
 def craft_patches(model: torch.nn.Module, images_u8: torch.Tensor, labels_u8: torch.Tensor,
                   sizes: Sequence[str], steps: int, device: torch.device, seed: int = 0,
                   time_budget: Optional[float] = None, batch_size: int = 8,
-                  progress: bool = True) -> List[Tuple[str, torch.Tensor, int]]:
-    """One universal EOT patch per size against the pseudo-labels: ``[(name, patch (3,h,w), steps run)]``.
+                  progress: bool = True, prefix: str = "pseudo-eot") -> List[Tuple[str, torch.Tensor, int]]:
+    """One universal EOT patch per size against ``labels_u8`` (pseudo-labels, or true labels when there are
+    any): ``[(f"{prefix}-{size}", patch (3,h,w), steps run)]``.
 
     With ``time_budget`` (seconds for all sizes) each patch first runs two timed steps, then as many as
     its share of the budget allows (at most ``steps``), continuing from its own checkpoint."""
@@ -101,7 +102,7 @@ def craft_patches(model: torch.nn.Module, images_u8: torch.Tensor, labels_u8: to
                 cfg = replace(cfg, steps=max(probe, min(steps, int(share / max(per_step, 1e-6)))))
             patch, _history = craft_universal_patch(model, images_u8, labels_u8, cfg, device, progress=progress,
                                                     checkpoint=ckpt)
-            found.append((f"pseudo-eot-{size}", patch, cfg.steps))
+            found.append((f"{prefix}-{size}", patch, cfg.steps))
     return found
 
 

@@ -127,3 +127,22 @@ def test_precise_bn_recomputes_running_statistics():
     assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-6)
     assert torch.allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-6)
     assert bn.momentum == 0.01 and not net.training                   # settings restored
+
+
+def test_crafted_sources_use_the_labels_when_there_are_any():
+    """``--sources craft`` crafts against the given labels (``label-eot-*``); footage, with none, against the
+    model's own predictions (``pseudo-eot-*``); a detector or zero steps cannot craft and says so."""
+    from calibration import fit
+    torch.manual_seed(0)
+    model = build_model(TV, weights=None).eval()
+    fp = fingerprint(model)
+    images = torch.randint(0, 256, (4, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(4, 64, 96, dtype=torch.uint8)
+    args = fit.parse_args(["--model", TV, "--sources", "craft", "--craft-steps", "1", "--craft-sizes", "L",
+                           "--craft-batch", "2", "--batch-size", "2", "--patches", ""])
+    _sources, info = fit.crafted_sources(args, model, images, labels, (64, 96), fp, "segmentation")
+    assert [i["name"] for i in info] == ["label-eot-L"] and info[0]["steps"] == 1
+    _sources, info = fit.crafted_sources(args, model, images, None, (64, 96), fp, "segmentation")
+    assert [i["name"] for i in info] == ["pseudo-eot-L"]
+    with pytest.raises(ValueError, match="--sources craft"):
+        fit.crafted_sources(args, model, images, labels, (64, 96), fp, "detection")
