@@ -57,3 +57,24 @@ def test_fit_end_to_end_small(camvid_root, tmp_path):
     assert len(cal.extra["ranking"]) == len(build_model("ddrnet23_slim", weights=None).layers().candidates)
     for f in ("roc_fit.png", "heatmaps_fit.png", "layer_ranking.md", "fit.json"):
         assert (tmp_path / "rep" / f).is_file()
+
+
+def test_artifact_write_is_whole_and_follows_the_umask(tmp_path):
+    """The saved calibration gets the umask's permissions (safetensors' save_file gives 0600) and no temp
+    file is left behind; an interrupted write (here: an unwritable tensor) keeps the old artifact."""
+    import os
+    torch.manual_seed(0)
+    model = build_model("ddrnet23_slim", weights=None)
+    cal = _toy_calibration(model)
+    old = os.umask(0o022)
+    try:
+        path = cal.save(tmp_path / "c.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    before = path.read_bytes()
+    from realtime.core.files import write_safetensors
+    with pytest.raises(Exception):
+        write_safetensors(path, {"bad": "not a tensor"}, {})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

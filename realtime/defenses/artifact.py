@@ -20,11 +20,11 @@ from typing import Any, Dict, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .fusion import FusionBlock
 from .spr import SPRConfig
 from .zmask import ChannelStats, ZMask, ZMaskConfig
+from realtime.core.files import write_safetensors
 from realtime.core.taps import ActivationTaps
 from realtime.models import fingerprint
 
@@ -110,7 +110,7 @@ class Calibration:
         }
         if self.config.grow_threshold is not None:      # absent from artifacts made without mask growing
             header["grow"] = {"threshold": self.config.grow_threshold, "steps": self.config.grow_steps}
-        save_file(tensors, str(path), metadata={"zmask": json.dumps(header)})
+        write_safetensors(path, tensors, {"zmask": json.dumps(header)})
         return path
 
 

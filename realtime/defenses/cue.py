@@ -26,8 +26,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from realtime.core.files import write_safetensors
 from realtime.core.taps import ActivationTaps
 from realtime.models import fingerprint, model_slug
 
@@ -90,7 +90,7 @@ class OutlierCue:
         header = {"format": FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
                   "layers": list(self.layers), "pool": self.pool, "frame_threshold": self.frame_threshold,
                   "cell_threshold": self.cell_threshold, "extra": self.extra}
-        save_file(tensors, str(path), metadata={"outlier-cue": json.dumps(header)})
+        write_safetensors(path, tensors, {"outlier-cue": json.dumps(header)})
         return path
 
 
