@@ -90,7 +90,6 @@ class Calibration:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors: Dict[str, torch.Tensor] = {}
         for k in self.stats.mu:
             tensors[f"mu/{k}"] = self.stats.mu[k].detach().float().cpu().contiguous()

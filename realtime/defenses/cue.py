@@ -84,7 +84,6 @@ class OutlierCue:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{k}/{n}": getattr(self, k)[n].detach().float().cpu().contiguous()
                    for k in ("mu", "sigma") for n in self.layers}
         header = {"format": FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
