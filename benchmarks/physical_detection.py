@@ -57,6 +57,7 @@ class PhysicalDetectionConfig:
     weights: Optional[str] = "default"
     calibration: Optional[str] = None
     defense: str = "zmask"
+    cue: Optional[str] = None                # zmask_cue: the outlier-cue artifact (default: the shipped one)
     patch: str = "eot_L"                     # a library condition (<model>_<name>.png) or a PNG path
     split: str = "val"
     clean_splits: Tuple[str, ...] = ("train", "val")
@@ -105,9 +106,10 @@ class Bench:
                          else REPO / "calibration" / "shipped" / f"{model_slug(cfg.model)}.safetensors")
         cal = load_calibration(self.cal_path, self.model)
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=self.cal_path, loaded_calibration=cal)
-        self.defense = build_defense(cfg.defense, ctx)
+        self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}))
         self.identity = {"metrics": 1, "model": cfg.model, "fingerprint": fingerprint(self.model),
-                         "calibration": sha(self.cal_path), "defense": cfg.defense, "limit": cfg.limit}
+                         "calibration": sha(self.cal_path), "defense": cfg.defense, "limit": cfg.limit,
+                         **({"cue": sha(Path(cfg.cue))} if cfg.cue else {})}
 
     @torch.inference_mode()
     def frame(self, x: torch.Tensor, gt: Optional[np.ndarray] = None) -> Dict:
@@ -212,7 +214,7 @@ def markdown(result: Dict) -> str:
     fp = " / ".join(str(t["false_on_poster"][o]) for o in OUTPUTS)
     mk = t["mask"]
     lines = [f"# Physical-scene benchmark (detector): `{c['model']}`, patch {Path(result['patch_path']).stem}, "
-             f"calibration {c['tag']}", "",
+             f"calibration {c['tag']}, defense `{c['defense']}`", "",
              f"Split {c['split']}, {c['seeds']} placements per sequence, {t['patched_frames']} patched frames; "
              f"clean false positives on every frame of {', '.join(c['clean_splits'])} ({t['clean_frames']} frames). "
              f"Boxes: CamVid connected components of {', '.join(BoxConfig().classes)} outside the poster. "
@@ -290,6 +292,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalDetectionConfig:
     p.add_argument("--weights", default="default")
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default: the shipped one)")
     p.add_argument("--defense", default="zmask", help=f"one of {', '.join(ZMASK_VARIANTS)}")
+    p.add_argument("--cue", default=None, help="zmask_cue: outlier-cue artifact (default: the shipped one)")
     p.add_argument("--tag", default=None, help="name of this calibration in the output files (default: its stem)")
     p.add_argument("--patch", default="eot_L", help="library condition (eot_L, apricot_L, ...) or a PNG path")
     p.add_argument("--split", default="val")
@@ -305,7 +308,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalDetectionConfig:
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
     tag = a.tag or (Path(a.calibration).stem if a.calibration else "shipped")
-    return PhysicalDetectionConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense,
+    return PhysicalDetectionConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense, cue=a.cue,
                                    patch=a.patch, split=a.split, clean_splits=tuple(s for s in a.clean_splits.split(",") if s),
                                    seeds=a.seeds, data=a.data, device=a.device, out_dir=a.out_dir, tag=tag, limit=a.limit,
                                    resume=a.resume, progress=not a.quiet)
