@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,11 +80,29 @@ class PhysicalConfig:
     progress: bool = True
 
 
-def patch_path(cfg: PhysicalConfig) -> Path:
-    p = Path(cfg.patch)
+def library_patch(model: str, patch: str) -> Path:
+    """``patch`` itself when it is a PNG path, else the library's ``<model>_<patch>.png``."""
+    p = Path(patch)
     if p.suffix.lower() == ".png":
         return p
-    return LIBRARY / f"{model_slug(cfg.model)}_{cfg.patch}.png"
+    return LIBRARY / f"{model_slug(model)}_{patch}.png"
+
+
+def patch_path(cfg: PhysicalConfig) -> Path:
+    return library_patch(cfg.model, cfg.patch)
+
+
+def cached_part(path: Path, key: str, resume: bool, make: Callable[[], Any]) -> Any:
+    """A finished run's value read back from ``path`` (``resume`` and the same ``key``), else ``make()``
+    written there: how every benchmark run of a physical benchmark is kept and resumed."""
+    if resume and path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            return d["value"]
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "value": value})
+    return value
 
 
 def sha(path: Path) -> str:
@@ -205,43 +223,21 @@ def run(cfg: PhysicalConfig) -> Dict:
     out = Path(cfg.out_dir)
     name = f"{model_slug(cfg.model)}_{path.stem.replace(model_slug(cfg.model) + '_', '')}_{cfg.tag}"
     parts = out / "parts" / name
-    parts.mkdir(parents=True, exist_ok=True)
     key = {**bench.identity, "patch": sha(path), "split": cfg.split}
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     # clean runs depend on the model, calibration and voting only (not the scored outputs' version)
     clean_key = {k: v for k, v in key.items() if k != "metrics"}
     clean_tag = hashlib.sha256(json.dumps(clean_key, sort_keys=True).encode()).hexdigest()[:12]
 
-    def cached(fname: str, want: str):
-        f = parts / fname
-        if cfg.resume and f.is_file():
-            d = json.loads(f.read_text())
-            if d.get("key") == want:
-                return d["value"]
-        return None
-
-    clean: List[Dict] = []
-    for split in cfg.clean_splits:
-        for seq in tqdm(sequences(split, cfg.data), desc=f"clean {split}", disable=not cfg.progress):
-            fname = f"clean_{split}_{seq}.json"
-            got = cached(fname, clean_tag)
-            if got is None:
-                got = clean_run(bench, split, seq)
-                write_json(parts / fname, {"key": clean_tag, "value": got})
-            clean.append(got)
-    runs: List[Tuple[str, int, RunSums]] = []
-    seqs = sequences(cfg.split, cfg.data)
+    clean = [cached_part(parts / f"clean_{split}_{seq}.json", clean_tag, cfg.resume,
+                         lambda s=split, q=seq: clean_run(bench, s, q))
+             for split in cfg.clean_splits
+             for seq in tqdm(sequences(split, cfg.data), desc=f"clean {split}", disable=not cfg.progress)]
     bar = tqdm(total=None, desc=f"attacked {cfg.split}", unit="frame", disable=not cfg.progress)
-    for seq in seqs:
-        for seed in range(cfg.seeds):
-            fname = f"run_{seq}_s{seed}.json"
-            got = cached(fname, tag)
-            if got is None:
-                sums = attacked_run(bench, seq, seed, bar)
-                write_json(parts / fname, {"key": tag, "value": sums.to_dict()})
-            else:
-                sums = RunSums.from_dict(got)
-            runs.append((seq, seed, sums))
+    runs: List[Tuple[str, int, RunSums]] = [
+        (seq, seed, RunSums.from_dict(cached_part(parts / f"run_{seq}_s{seed}.json", tag, cfg.resume,
+                                                  lambda q=seq, sd=seed: attacked_run(bench, q, sd, bar).to_dict())))
+        for seq in sequences(cfg.split, cfg.data) for seed in range(cfg.seeds)]
     bar.close()
     result = {"config": {**asdict(cfg), "patch_path": str(path), "calibration_path": str(bench.cal_path)},
               "identity": key, "env": describe(bench.device), "seconds": round(time.time() - t0, 1),

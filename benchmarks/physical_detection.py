@@ -42,10 +42,10 @@ from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_def
 from realtime.live.sources.demo import DemoConfig, DemoSource
 from realtime.models import build_model, fingerprint, model_arg, model_slug
 
-from .physical import DEFAULT_DIR, LIBRARY, REPO, SCALES, frame_tensor, sequences, sha
+from .physical import DEFAULT_DIR, REPO, SCALES, cached_part, frame_tensor, library_patch, sequences, sha
 from .physical_metrics import MaskSums
-from .robustness_detection import mask_box
-from .robustness_detection_report import false_detections_on_patch
+from .robustness_detection import frame_detections, mask_box
+from .robustness_detection_report import as_tensors, false_detections_on_patch
 
 OUTPUTS = ("clean", "attacked", "defended", "oracle")
 
@@ -74,8 +74,7 @@ class PhysicalDetectionConfig:
 
 
 def patch_path(cfg: PhysicalDetectionConfig) -> Path:
-    p = Path(cfg.patch)
-    return p if p.suffix.lower() == ".png" else LIBRARY / f"{model_slug(cfg.model)}_{cfg.patch}.png"
+    return library_patch(cfg.model, cfg.patch)
 
 
 def visible_targets(lab: np.ndarray, gt: np.ndarray) -> Dict[str, list]:
@@ -83,12 +82,6 @@ def visible_targets(lab: np.ndarray, gt: np.ndarray) -> Dict[str, list]:
     seen = np.where(gt, IGNORE_INDEX, lab)
     boxes, labels = boxes_from_label(seen, BoxConfig())
     return {"boxes": boxes.tolist(), "labels": labels.tolist()}
-
-
-def detections(out: Dict[str, torch.Tensor]) -> Dict[str, list]:
-    return {"boxes": [[round(float(v), 2) for v in b] for b in out["boxes"].detach().cpu().tolist()],
-            "scores": [round(float(s), 5) for s in out["scores"].detach().cpu().tolist()],
-            "labels": [int(v) for v in out["labels"].detach().cpu().tolist()]}
 
 
 class Bench:
@@ -116,12 +109,12 @@ class Bench:
         """Z-Mask on one frame: its detections, the first pass's, flag, score, mask; plain on the oracle frame."""
         res = self.defense(x)
         masked = (res.mask[0, 0] < 0.5).cpu().numpy() if res.mask is not None else None
-        out = {"attacked": detections(res.first_output[0]), "defended": detections(res.output[0]),
+        out = {"attacked": frame_detections(res.first_output[0]), "defended": frame_detections(res.output[0]),
                "flagged": bool(res.flagged[0]), "score": float(res.score[0]),
                "masked": masked if masked is not None and masked.any() else None}
         if gt is not None:
             keep = torch.from_numpy(~gt).to(device=x.device, dtype=x.dtype)[None, None]
-            out["oracle"] = detections(self.defense.plain(self.defense.zm.shield(x, keep))[0])
+            out["oracle"] = frame_detections(self.defense.plain(self.defense.zm.shield(x, keep))[0])
         return out
 
 
@@ -159,20 +152,12 @@ def attacked_run(bench: Bench, seq: str, seed: int, bar: Optional[tqdm] = None) 
         x = frame_tensor(shown, bench.device)
         r = bench.frame(x, gt)
         with torch.inference_mode():
-            r["clean"] = detections(bench.defense.plain(frame_tensor(clean, bench.device))[0])
+            r["clean"] = frame_detections(bench.defense.plain(frame_tensor(clean, bench.device))[0])
         mask.add(r.pop("masked"), gt)
         r["targets"] = visible_targets(lab, gt)
         r["poster_box"] = mask_box(torch.from_numpy(gt))
         frames.append(r)
     return {"frames": frames, "mask": mask.to_dict()}
-
-
-def _tensors(d: Dict[str, list]) -> Dict[str, torch.Tensor]:
-    out = {"boxes": torch.as_tensor(d["boxes"], dtype=torch.float32).reshape(-1, 4),
-           "labels": torch.as_tensor(d["labels"], dtype=torch.int64)}
-    if "scores" in d:
-        out["scores"] = torch.as_tensor(d["scores"], dtype=torch.float32)
-    return out
 
 
 def totals(runs: Sequence[Dict], clean_flags: Sequence[Sequence[bool]], cfg: PhysicalDetectionConfig) -> Dict:
@@ -183,9 +168,9 @@ def totals(runs: Sequence[Dict], clean_flags: Sequence[Sequence[bool]], cfg: Phy
         mask.merge(MaskSums.from_dict(r["mask"]))
     res: Dict = {"patched_frames": len(frames), "mask": mask.summary()}
     if frames and any(f["targets"]["boxes"] for f in frames):
-        targets = [_tensors(f["targets"]) for f in frames]
+        targets = [as_tensors(f["targets"]) for f in frames]
         names = BoxConfig().classes
-        res["map"] = {o: coco_map([_tensors(f[o]) for f in frames], targets, names) for o in OUTPUTS}
+        res["map"] = {o: coco_map([as_tensors(f[o]) for f in frames], targets, names) for o in OUTPUTS}
         m = {o: res["map"][o]["map_50"] for o in OUTPUTS}
         dmg = m["clean"] - m["attacked"]
         res["map50_damage_undone"] = (m["defended"] - m["attacked"]) / dmg if dmg > 1e-9 else None
@@ -249,28 +234,18 @@ def run(cfg: PhysicalDetectionConfig) -> Dict:
     out = Path(cfg.out_dir)
     name = f"{model_slug(cfg.model)}_{path.stem.replace(model_slug(cfg.model) + '_', '')}_{cfg.tag}"
     parts = out / "parts" / name
-    parts.mkdir(parents=True, exist_ok=True)
     key = {**bench.identity, "patch": sha(path), "split": cfg.split}
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     clean_tag = hashlib.sha256(json.dumps({k: v for k, v in key.items() if k != "patch"}, sort_keys=True)
                                .encode()).hexdigest()[:12]
-
-    def cached(fname: str, want: str, make):
-        f = parts / fname
-        f.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and f.is_file():
-            d = json.loads(f.read_text())
-            if d.get("key") == want:
-                return d["value"]
-        value = make()
-        write_json(f, {"key": want, "value": value})
-        return value
-
-    clean = [cached(f"../{model_slug(cfg.model)}_clean_{cfg.tag}/clean_{split}_{seq}.json", clean_tag, lambda s=split, q=seq: clean_run(bench, s, q))
+    shared = out / "parts" / f"{model_slug(cfg.model)}_clean_{cfg.tag}"       # every patch's clean runs
+    clean = [cached_part(shared / f"clean_{split}_{seq}.json", clean_tag, cfg.resume,
+                         lambda s=split, q=seq: clean_run(bench, s, q))
              for split in cfg.clean_splits
              for seq in tqdm(sequences(split, cfg.data), desc=f"clean {split}", disable=not cfg.progress)]
     bar = tqdm(total=None, desc=f"attacked {cfg.split}", unit="frame", disable=not cfg.progress)
-    runs = [(seq, seed, cached(f"run_{seq}_s{seed}.json", tag, lambda q=seq, s=seed: attacked_run(bench, q, s, bar)))
+    runs = [(seq, seed, cached_part(parts / f"run_{seq}_s{seed}.json", tag, cfg.resume,
+                                    lambda q=seq, s=seed: attacked_run(bench, q, s, bar)))
             for seq in sequences(cfg.split, cfg.data) for seed in range(cfg.seeds)]
     bar.close()
     result = {"config": asdict(cfg), "patch_path": str(path), "calibration_path": str(bench.cal_path),

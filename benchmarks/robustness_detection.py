@@ -107,7 +107,7 @@ def mask_box(mask: torch.Tensor) -> Optional[List[float]]:
     return [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
 
 
-def _frame_detections(out: Dict[str, torch.Tensor]) -> Dict[str, list]:
+def frame_detections(out: Dict[str, torch.Tensor]) -> Dict[str, list]:
     return {"boxes": [[round(float(v), 2) for v in b] for b in out["boxes"].detach().cpu().tolist()],
             "scores": [round(float(s), 5) for s in out["scores"].detach().cpu().tolist()],
             "labels": [int(v) for v in out["labels"].detach().cpu().tolist()]}
@@ -138,7 +138,7 @@ def run_detection_cell(defense: Any, condition: Condition, images_u8: torch.Tens
             raise ValueError(f"defense {defense.name} did not return one detection dict per frame "
                              f"(got {type(out).__name__}); is {settings.model} a detector?")
         lat += [dt] * len(idx)
-        dets += [_frame_detections(o) for o in out]
+        dets += [frame_detections(o) for o in out]
         boxes += [mask_box(g) for g in gt]
         if res.flagged is not None:
             flagged += [bool(v) for v in res.flagged.detach().reshape(-1).cpu().tolist()]

@@ -45,17 +45,20 @@ def false_detections_on_patch(boxes: Sequence[Sequence[float]], scores: Sequence
     return int((iou >= iou_thr).sum())
 
 
-def _as_tensors(det: Dict[str, list]) -> Dict[str, torch.Tensor]:
-    return {"boxes": torch.as_tensor(det["boxes"], dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.as_tensor(det["scores"], dtype=torch.float32),
-            "labels": torch.as_tensor(det["labels"], dtype=torch.int64)}
+def as_tensors(det: Dict[str, list]) -> Dict[str, torch.Tensor]:
+    """Stored boxes / labels (and scores, for detections) as the tensors ``coco_map`` takes."""
+    out = {"boxes": torch.as_tensor(det["boxes"], dtype=torch.float32).reshape(-1, 4),
+           "labels": torch.as_tensor(det["labels"], dtype=torch.int64)}
+    if "scores" in det:
+        out["scores"] = torch.as_tensor(det["scores"], dtype=torch.float32)
+    return out
 
 
 def summarize_detection_cell(cell: Any, clean: Optional[Any], targets: Sequence[Dict[str, torch.Tensor]],
                              class_names: Sequence[str], image_hw: Sequence[int], max_fpr: float = 0.01,
                              score_thr: float = 0.3, iou_thr: float = 0.3) -> Dict:
     """Reported numbers of one cell; ``clean`` is the same defense's ``none`` cell (ROC negatives)."""
-    m = coco_map([_as_tensors(d) for d in cell.detections], targets, class_names, image_hw)
+    m = coco_map([as_tensors(d) for d in cell.detections], targets, class_names, image_hw)
     per_frame = [false_detections_on_patch(d["boxes"], d["scores"], pb, score_thr, iou_thr)
                  for d, pb in zip(cell.detections, cell.patch_boxes)]
     out: Dict = {"frames": len(cell.latency_ms), "map": m["map"], "map_50": m["map_50"],
