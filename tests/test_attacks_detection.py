@@ -10,6 +10,7 @@ from realtime.attacks.apply import CaptureConfig, Placement, apply_patch, load_p
 from realtime.attacks.craft_detection import main as craft_main
 from realtime.attacks.detection import (DetectionAttackConfig, attack_targets, covered_fraction, craft_detection_patch,
                                         detection_losses, mask_bbox)
+from realtime.attacks.scene import BUILDING, ROAD, SceneConfig
 from realtime.models.registry import build_model
 from realtime.models import fingerprint
 
@@ -138,6 +139,40 @@ def test_apricot_crafting_runs(fcos):
                                                                             hw=(8, 8), steps=1), "cpu", progress=False)
 
 
+def _street_labels(n: int) -> torch.Tensor:
+    """(n,H,W) uint8 label maps: buildings on the left, a road converging to the centre (facade posters fit)."""
+    lab = torch.zeros(H, W, dtype=torch.uint8)
+    lab[10:90, : W // 2 - 12] = BUILDING
+    for y in range(50, H):
+        half = int((y - 50) * 1.2) + 2
+        lab[y, max(W // 2 - half, 0): W // 2 + half] = ROAD
+    return lab.expand(n, H, W).clone()
+
+
+def test_scene_placement_crafts_through_the_poster_renderer(fcos, monkeypatch):
+    images, targets = _frames()
+    cfg = DetectionAttackConfig(kind="apricot", hw=(24, 24), steps=1, batch_size=2, capture=CaptureConfig.none(),
+                                scene=SceneConfig(candidates=3))
+    with pytest.raises(ValueError, match="label maps"):
+        craft_detection_patch(fcos, images, targets, cfg, "cpu", progress=False)
+    seen = []
+    real = attack_targets
+
+    def spy(tgts, mask, *a, **k):               # the masks the loss sees: perspective posters on the facade
+        seen.append(mask.detach().clone())
+        return real(tgts, mask, *a, **k)
+
+    monkeypatch.setattr("realtime.attacks.detection.attack_targets", spy)
+    init = torch.full((3, 24, 24), 0.5)
+    patch, hist = craft_detection_patch(fcos, images, targets, cfg, "cpu", progress=False, init=init,
+                                        labels_u8=_street_labels(2))
+    assert float((patch - init).abs().max()) > 1e-4 and hist[0]["gt"] == 2 + 2
+    m = seen[0][:, 0] > 0.5
+    on = _street_labels(2)[m]
+    assert m.any() and float((on == BUILDING).float().mean()) >= 0.5       # posters sit on the building
+    assert all(int(mi.sum()) != 24 * 24 for mi in m)                       # not the axis-aligned 24x24 square
+
+
 def test_non_detector_refused(capsys, tmp_path):
     assert craft_main(["--model", "ddrnet23_slim", "--kind", "eot", "--out-dir", str(tmp_path)]) == 2
     assert "realtime.attacks.craft" in capsys.readouterr().err
@@ -163,6 +198,11 @@ def test_cli_writes_patch_and_sidecar(camvid_root, fcos, tmp_path):
                                 "--resume"]) == 0
     meta = json.loads(png.with_suffix(".json").read_text())
     assert meta["steps"] == 2 and [h["step"] for h in meta["history"]] == [1, 2]
+    assert craft_main(common + ["--kind", "eot", "--steps", "1", "--batch-size", "1", "--limit", "2",
+                                "--placement", "scene", "--init", str(png)]) == 0
+    pmeta = json.loads((tmp_path / "fcos_ddrnet_physeot_S.json").read_text())
+    assert pmeta["placement"] == "scene" and pmeta["init"] == str(png) and pmeta["config"]["scene"] is not None
+    assert craft_main(common + ["--kind", "eot", "--placement", "scene", "--init", str(tmp_path / "none.png")]) == 2
     assert craft_main(common + ["--kind", "random"]) == 0
     rmeta = json.loads((tmp_path / "fcos_ddrnet_random_S.json").read_text())
     assert rmeta["kind"] == "random" and rmeta["hw"] == [75, 75] and rmeta["steps"] == 0

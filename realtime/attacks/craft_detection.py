@@ -5,8 +5,10 @@ Examples:
     python -m realtime.attacks.craft_detection --model fcos_ddrnet --kind apricot --size M --target-class car
     python -m realtime.attacks.craft_detection --model fcos_ddrnet --kind random --size L
     python -m realtime.attacks.craft_detection --model fcos_ddrnet --kind eot --size L --resume
+    python -m realtime.attacks.craft_detection --model fcos_ddrnet --kind eot --placement scene \
+        --init realtime/attacks/library/fcos_ddrnet_eot_L.png          # physical EOT -> ..._physeot_L.png
 
-Writes ``<out-dir>/<model>_<kind>_<size>.png`` + JSON sidecar (model, weights, fingerprint, task, kind,
+Writes ``<out-dir>/<model>_<kind>_<size>.png`` (``_phys<kind>_`` with ``--placement scene``) + JSON sidecar (model, weights, fingerprint, task, kind,
 size, objective weights, hw, frame_hw, steps, final losses, frames, seconds, env, config, history).
 A checkpoint ``<model>_<kind>_<size>.ckpt.pt`` is kept next to it while crafting; ``--resume`` continues
 from it. Segmentation models are crafted by ``python -m realtime.attacks.craft``.
@@ -27,8 +29,9 @@ from realtime.data.detection import CamVidDetection, boxes_from_label
 from realtime.core.devices import describe, pick_device
 from realtime.models import build_model, fingerprint, list_models
 
-from .apply import DETECTION_PATCH_SIDES_480, CaptureConfig, Placement, random_patch, save_patch_png
+from .apply import DETECTION_PATCH_SIDES_480, CaptureConfig, Placement, load_patch_png, random_patch, save_patch_png
 from .detection import DetectionAttackConfig, craft_detection_patch
+from .scene import SceneConfig
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "library"
 
@@ -56,6 +59,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-class", default="car", help="apricot: class of the fake object")
     p.add_argument("--max-covered", type=float, default=0.5, help="drop GT boxes this much covered by the patch")
     p.add_argument("--capture", choices=("physical", "none"), default="physical", help="EOT capture preset")
+    p.add_argument("--placement", choices=("random", "scene"), default="random",
+                   help="random: axis-aligned anywhere (digital EOT); scene: posters on the frames' facades in "
+                        "perspective, occluded by foreground objects (physical EOT, the physical benchmark's renderer)")
+    p.add_argument("--init", default=None, help="start from this patch PNG (same size) instead of noise")
     p.add_argument("--no-grad-norm", action="store_true", help="do not normalise each loss's gradient")
     p.add_argument("--limit", type=int, default=None, help="only the first N frames of the split")
     p.add_argument("--seed", type=int, default=0)
@@ -66,8 +73,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def output_path(out_dir: str | Path, model: str, kind: str, size: str) -> Path:
-    return Path(out_dir) / f"{model}_{kind}_{size.upper()}.png"
+def output_path(out_dir: str | Path, model: str, kind: str, size: str, placement: str = "random") -> Path:
+    prefix = "phys" if placement == "scene" else ""
+    return Path(out_dir) / f"{model}_{prefix}{kind}_{size.upper()}.png"
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -75,14 +83,14 @@ def checkpoint_path(out: Path) -> Path:
 
 
 def load_frames(ds: CamVidDetection, limit: Optional[int], progress: bool):
-    """(uint8 (N,3,H,W), [targets]) of the first ``limit`` frames (all when None)."""
+    """(uint8 (N,3,H,W), [targets], uint8 labels (N,H,W)) of the first ``limit`` frames (all when None)."""
     n = min(len(ds), limit) if limit else len(ds)
     images, labels = ds.seg.to_tensors(range(n), progress=progress)
     targets = []
     for lab in labels:
         boxes, labs = boxes_from_label(lab.long().numpy(), ds.cfg)
         targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labs)})
-    return images, targets
+    return images, targets, labels
 
 
 def _check_detector(name: str) -> None:
@@ -108,7 +116,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 w_class=args.w_class, w_regr=args.w_regr, w_ctrness=args.w_ctrness, tv_weight=args.tv_weight,
                 target_class=args.target_class, max_covered=args.max_covered, normalize_grads=not args.no_grad_norm,
                 capture=CaptureConfig.physical() if args.capture == "physical" else CaptureConfig.none(),
-                placement=Placement("random"), seed=args.seed, checkpoint_every=args.checkpoint_every)
+                placement=Placement("random"), scene=SceneConfig() if args.placement == "scene" else None,
+                seed=args.seed, checkpoint_every=args.checkpoint_every)
+        if args.kind == "random" and (args.placement != "random" or args.init):
+            raise ValueError("--placement scene and --init apply to crafted patches, not to --kind random")
+        if args.init and not Path(args.init).is_file():
+            raise FileNotFoundError(f"--init patch {args.init} not found")
         ds = CamVidDetection(args.data, args.split)
         dev = pick_device(args.device)
         weights = None if str(args.weights).lower() == "none" else args.weights
@@ -120,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             target_label(model, cfg.target_class)
     except USER_ERRORS as exc:
         return report_error(exc)
-    out = output_path(args.out_dir, args.model, args.kind, size)
+    out = output_path(args.out_dir, args.model, args.kind, size, args.placement)
     meta = {"model": args.model, "weights": str(args.weights), "fingerprint": fingerprint(model), "task": "detection",
             "size": size, "kind": args.kind, "seed": args.seed, "split": args.split, "data": str(ds.seg.root)}
     if cfg is None:
@@ -131,22 +144,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_patch_png(patch, out, meta)
         print(f"wrote random {hw[0]}x{hw[1]} control patch to {out}")
         return 0
-    images, targets = load_frames(ds, args.limit, progress=not args.quiet)
+    images, targets, labels = load_frames(ds, args.limit, progress=not args.quiet)
     ckpt = checkpoint_path(out)
     if ckpt.exists() and not args.resume:
         ckpt.unlink()                                                    # a fresh run starts from scratch
     t0 = time.time()
     try:
+        init = None
+        if args.init:
+            init = load_patch_png(args.init)[0]
+            meta.update(init=str(args.init))
         patch, history = craft_detection_patch(model, images, targets, cfg, dev, progress=not args.quiet,
-                                               checkpoint=ckpt)
-    except (ValueError, NotImplementedError) as exc:
+                                               checkpoint=ckpt, init=init, labels_u8=labels)
+    except (ValueError, NotImplementedError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tail = history[-min(len(history), 20):]
     final = {k: sum(h[k] for h in tail) / max(len(tail), 1) for k in ("loss", "cls", "regr", "ctrness", "tv")}
     if cfg.kind == "apricot":
         meta["target_class"] = cfg.target_class
-    meta.update(objective=cfg.weights(), hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]),
+    meta.update(placement=args.placement, objective=cfg.weights(), hw=list(patch.shape[1:]), frame_hw=list(images.shape[-2:]),
                 steps=cfg.steps, final_loss=final["loss"], final_class_loss=final["cls"],
                 final_regr_loss=final["regr"], final_ctrness_loss=final["ctrness"], final_tv=final["tv"],
                 frames=len(images), seconds=round(time.time() - t0, 1), env=describe(dev), config=asdict(cfg),

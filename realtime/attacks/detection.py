@@ -17,8 +17,10 @@ the patch is scaled to unit L2 norm first, as in :mod:`realtime.attacks.eot`):
   pasted patch labelled ``target_class``; all weights positive: the detector is trained, through the
   patch pixels only, to see an object where the patch is.
 
-EOT over random placement and the physical capture simulation of :mod:`realtime.attacks.apply`; Adam in
-pixel space with clamping to [0, 1]; checkpoint/resume like the segmentation crafting.
+EOT over random placement and the physical capture simulation of :mod:`realtime.attacks.apply`, or, with
+``scene`` set, over posters on each frame's facades in perspective, occluded by its foreground objects
+(:mod:`realtime.attacks.scene`, the renderer the physical benchmarks use; needs the frames' label maps);
+Adam in pixel space with clamping to [0, 1]; checkpoint/resume like the segmentation crafting.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from .apply import CaptureConfig, Placement, apply_patch, patch_size_for
 from .eot import _combine, save_checkpoint, start_patch, total_variation
+from .scene import SceneConfig, SceneSampler
 
 Target = Dict[str, torch.Tensor]
 KINDS: Tuple[str, ...] = ("eot", "apricot")
@@ -110,7 +113,7 @@ def attack_targets(targets: Sequence[Target], mask: torch.Tensor, kind: str, tar
         labels = t["labels"].to(m.device, torch.int64).reshape(-1)
         keep = covered_fraction(boxes, m) < max_covered
         boxes, labels = boxes[keep], labels[keep]
-        if kind == "apricot":
+        if kind == "apricot" and bool((m > 0.5).any()):     # a poster hidden by occluders adds no fake box
             boxes = torch.cat([boxes, mask_bbox(m).view(1, 4)])
             labels = torch.cat([labels, labels.new_tensor([target_label])])
         out.append({"boxes": boxes, "labels": labels})
@@ -136,6 +139,7 @@ class DetectionAttackConfig:
     normalize_grads: bool = True
     capture: CaptureConfig = field(default_factory=CaptureConfig.physical)
     placement: Placement = field(default_factory=Placement)
+    scene: Optional[SceneConfig] = None           # physical EOT: posters on the frames' facades (labels)
     seed: int = 0
     checkpoint_every: int = 25
 
@@ -179,10 +183,11 @@ def target_label(model: torch.nn.Module, name: str) -> int:
 
 def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targets: Sequence[Target],
                           cfg: DetectionAttackConfig, device: torch.device | str, progress: bool = True,
-                          checkpoint: Optional[Path] = None, init: Optional[torch.Tensor] = None
-                          ) -> Tuple[torch.Tensor, List[Dict]]:
+                          checkpoint: Optional[Path] = None, init: Optional[torch.Tensor] = None,
+                          labels_u8: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[Dict]]:
     """Optimise one universal patch against detector ``model`` over ``images_u8`` (N,3,H,W) uint8 with
-    per-frame GT ``targets`` (dicts with ``boxes``/``labels``). ``checkpoint`` is resumed from when it
+    per-frame GT ``targets`` (dicts with ``boxes``/``labels``); ``labels_u8`` (N,H,W) are the frames'
+    segmentation labels, needed by ``cfg.scene`` to find facades. ``checkpoint`` is resumed from when it
     exists and rewritten every ``cfg.checkpoint_every`` steps and at the end. Returns (patch (3,h,w) in
     [0,1] on CPU, per-step history of the loss terms and the number of GT boxes used)."""
     if getattr(model, "task", "segmentation") != "detection":
@@ -193,11 +198,14 @@ def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targe
     n = images_u8.shape[0]
     if n == 0 or len(targets) != n:
         raise ValueError(f"need matching non-empty images/targets, got {n} and {len(targets)}")
+    if cfg.scene is not None and (labels_u8 is None or labels_u8.shape[0] != n):
+        raise ValueError("scene placement needs the frames' label maps (labels_u8, one per image)")
     label = target_label(model, cfg.target_class) if cfg.kind == "apricot" else 0
     hw = cfg.patch_hw(tuple(images_u8.shape[-2:]))
     patch, opt, gen, start, history = start_patch(hw, cfg.seed, cfg.lr, device, init, checkpoint, cfg.identity(),
                                                   HISTORY_KEYS)
     images = images_u8.to(device)
+    scene = SceneSampler(labels_u8, cfg.scene, cfg.seed) if cfg.scene is not None else None
     was_training = model.training
     model.eval()                                        # frozen BatchNorm; grads only w.r.t. the patch
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"det-{cfg.kind}", unit="step",
@@ -206,7 +214,10 @@ def craft_detection_patch(model: torch.nn.Module, images_u8: torch.Tensor, targe
         for step in bar:
             idx = torch.randperm(n, generator=gen)[:cfg.batch_size]
             x = images[idx.to(device)].float() / 255
-            patched, mask = apply_patch(x, patch, cfg.placement, cfg.capture, gen)
+            if scene is not None:
+                patched, mask = scene.apply(x, patch, idx.tolist(), cfg.capture, gen)
+            else:
+                patched, mask = apply_patch(x, patch, cfg.placement, cfg.capture, gen)
             tg = attack_targets([targets[i] for i in idx.tolist()], mask, cfg.kind, label, cfg.max_covered)
             losses = detection_losses(model, patched, tg)
             cls, regr = losses["classification"], losses["bbox_regression"]
