@@ -102,6 +102,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--motion", action="store_true",
                    help="move a propagated mask with the scene's motion (a tracked homography) instead of carrying it "
                         "in place; try it with --dilate 6")
+    p.add_argument("--evidence", default=None, metavar="N:R",
+                   help="also raise the alarm when the mean Z-Mask score over the last N unmasked frames exceeds R "
+                        "lambda0 (a patch held just under the per-frame threshold); alarm only, no masking. "
+                        "Fitted values per model: README, 'Adaptive attackers'")
     p.add_argument("--fail-closed", action="store_true",
                    help="a frame whose defense fails gets NO output (marked unsafe) instead of an undefended one")
     p.add_argument("--box-threshold", type=float, default=0.4,

@@ -164,6 +164,21 @@ def test_propagation_masks_before_the_backbone_and_skips_the_second_pass():
     assert res[4].masked is not None and res[4].masked[4:8, 4:8].all()
 
 
+def test_evidence_alarms_on_scores_held_under_lambda0_and_skips_masked_frames():
+    class Under(StubZMask):
+        def fusion(self, h_s, h_d):                 # every frame scores 0.9 lambda0: never flagged
+            return h_s * 0, torch.full((h_s.shape[0],), 0.45)
+
+    plain = DefenseStep(ZMaskDefense(Under()), VotingConfig(k=2, n=3), CPU)
+    withev = DefenseStep(ZMaskDefense(Under()), VotingConfig(k=2, n=3, evidence=4, evidence_ratio=0.8), CPU)
+    a = [plain.step(_frame(True)) for _ in range(6)]
+    b = [withev.step(_frame(True)) for _ in range(6)]
+    assert not any(r.alarm or r.flagged for r in a) and all(r.evidence is None for r in a)
+    assert [r.alarm for r in b] == [False] * 3 + [True] * 3 and not any(r.flagged for r in b)
+    assert b[3].evidence == pytest.approx(0.9) and b[3].raised
+    assert withev._ratios(torch.tensor([0.45, 0.45]), [None, torch.ones(1, 1, 4, 4)]) == [pytest.approx(0.9), None]
+
+
 @pytest.mark.parametrize("fail_closed", [True, False])
 def test_defense_failure_policy(fail_closed):
     zm = StubZMask(fail_on=2)
@@ -260,6 +275,7 @@ def test_cli_error_cases(tmp_path, capsys):
     _one_line_error(capsys, ["--source", str(odd)] + o, "must share one size")
     _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--engine", "tensorrt"] + o, "is not available")
     _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--vote", "4/3"] + o, "k <= n")
+    _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--evidence", "8"] + o, "--evidence expects N:R")
     cal = REPO / "calibration" / "shipped" / "ddrnet23_slim.safetensors"
     if cal.is_file():
         _one_line_error(capsys, ["--source", str(tmp_path / "v.mp4"), "--model", "bisenetv1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from realtime.live.voting import TemporalVoter, VotingConfig, simulate
+from realtime.live.voting import TemporalVoter, VotingConfig, fit_evidence, simulate, window_means
 
 
 def _mask(y0: int, x0: int, size: int = 4, hw=(32, 32)) -> torch.Tensor:
@@ -179,3 +179,32 @@ def test_step_moves_carried_masks_with_the_scene():
     assert cols(still[3]) == (50, 93)                    # the two detections (50:90, 54:94) carried in place
     lo, hi = cols(moving[3])                             # both moved with the scene to where the spot is now
     assert abs(lo - 62) <= 1 and abs(hi - 101) <= 1
+
+
+def test_evidence_window_raises_holds_and_clears():
+    cfg = VotingConfig(k=3, n=5, m=2, evidence=4, evidence_ratio=0.8)
+    ratios = [0.5] * 4 + [0.9] * 8 + [0.3] * 8
+    alarms = simulate([False] * len(ratios), cfg, ratios)
+    assert alarms[:7] == [False] * 7                   # the window mean passes 0.8 at the 4th 0.9 (frame 7)
+    assert all(alarms[7:12]) and not any(alarms[12:])   # held while the mean stays high (no flag needed), then cleared
+    assert not any(simulate([False] * 20, VotingConfig(k=3, n=5), ratios))          # evidence off: no alarm
+    v = TemporalVoter(VotingConfig(evidence=2, evidence_ratio=0.8))
+    assert v.update(False, ratio=0.9).evidence is None                              # window not full yet
+    assert v.update(False, ratio=None).evidence is None                             # a masked frame adds nothing
+    st = v.update(False, ratio=0.9)
+    assert st.evidence == pytest.approx(0.9) and st.alarm and st.raised
+
+
+def test_fit_evidence_and_parse():
+    assert list(window_means([1.0, 2.0, 3.0, None, 4.0], 2)) == [1.5, 2.5, 3.5]
+    assert window_means([1.0], 3).size == 0
+    assert fit_evidence([[0.1, 0.5, 0.7, 0.2], [0.6, 0.6]], 2, margin=1.1) == pytest.approx(0.66)
+    with pytest.raises(ValueError, match="scored frames"):
+        fit_evidence([[0.1]], 3)
+    assert VotingConfig.parse_evidence("8:0.75") == (8, 0.75) and VotingConfig.parse_evidence(None) == (0, 1.0)
+    for bad in ("8", "a:b", "8:0.7:1"):
+        with pytest.raises(ValueError, match="N:R"):
+            VotingConfig.parse_evidence(bad)
+    with pytest.raises(ValueError, match="evidence"):
+        VotingConfig(evidence=4, evidence_ratio=0)
+    assert "evidence" in VotingConfig(evidence=8, evidence_ratio=0.7).describe()

@@ -69,6 +69,7 @@ class RunConfig:
     dilate: int = 16
     no_propagate: bool = False
     motion: bool = False                      # move propagated masks with the scene (motion compensation)
+    evidence: Optional[str] = None            # "N:R": alarm on the mean score / lambda0 over N frames (off: None)
     fail_closed: bool = False
     box_threshold: float = 0.4
     show: bool = False

@@ -157,7 +157,7 @@ class Outputs:
             # a detector: its boxes (None on an unsafe frame: no output)
             has_boxes=self.class_names is not None,
             boxes=box_records(shown, self.class_names) if (shown is not None and self.class_names is not None) else None,
-            stream=self.stream)
+            stream=self.stream, evidence=None if r.evidence is None else round(r.evidence, 4))
         if gt is not None:
             c = iou(r.masked, gt)
             ev.gt = {"gt_patch": bool(gt.any()), "gt_inter": c["inter"], "gt_union": c["union"],
@@ -222,8 +222,10 @@ def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
+        ev_n, ev_r = VotingConfig.parse_evidence(cfg.evidence)
         voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
-                                    mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)
+                                    mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion,
+                                    evidence=ev_n, evidence_ratio=ev_r)
         device = pick_device(cfg.device)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None

@@ -30,6 +30,7 @@ class RunHeader:
     type: str = "run"
     schema: str = SCHEMA
     stream: Optional[int] = None        # multi-stream runs: the source's index
+    evidence: Optional[float] = None    # --evidence: mean score / lambda0 over the window, once full
 
     def to_dict(self) -> Dict[str, Any]:
         return _tagged({k: v for k, v in asdict(self).items() if k != "stream"}, self.stream)
@@ -40,7 +41,8 @@ class FrameEvent:
     """One processed frame. ``frame`` counts processed frames; ``source_frame`` is the source's index.
 
     Optional groups: ``raw_flagged`` (``--audit``), ``boxes`` (detectors), ``gt_*`` (sources that
-    know where the patch is); they are left out of the record when not set."""
+    know where the patch is), ``evidence`` (``--evidence``: the window's mean score / lambda0); they are
+    left out of the record when not set."""
     frame: int
     source_frame: int
     timestamp: float
@@ -64,13 +66,16 @@ class FrameEvent:
     gt: Dict[str, Any] = field(default_factory=dict)   # gt_patch, gt_inter, gt_union, gt_iou
     type: str = "frame"
     stream: Optional[int] = None        # multi-stream runs: the source's index
+    evidence: Optional[float] = None    # --evidence: mean score / lambda0 over the window, once full
 
     def to_dict(self) -> Dict[str, Any]:
         rec = {k: v for k, v in asdict(self).items()
-               if k not in ("raw_flagged", "boxes", "has_boxes", "gt", "type", "stream")}
+               if k not in ("raw_flagged", "boxes", "has_boxes", "gt", "type", "stream", "evidence")}
         rec = _tagged({"type": self.type, **rec}, self.stream)
         if self.raw_flagged is not None:
             rec["raw_flagged"] = self.raw_flagged
+        if self.evidence is not None:
+            rec["evidence"] = self.evidence
         if self.has_boxes:
             rec["boxes"] = self.boxes
         rec.update(self.gt)

@@ -51,6 +51,7 @@ class StepResult:
     alarm: bool = False
     raised: bool = False
     cleared: bool = False
+    evidence: Optional[float] = None      # --evidence: the window's mean score / lambda0 (when full)
     unsafe: bool = False
     error: Optional[str] = None
     stages: Dict[str, float] = field(default_factory=dict)
@@ -187,6 +188,14 @@ class DefenseStep:
             rows.append(1.0 - p if p is not None else ones)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
+    def _ratios(self, score: Optional[torch.Tensor], props: Sequence[Optional[torch.Tensor]]) -> List[Optional[float]]:
+        """score / lambda0 of the rows whose first pass ran unmasked (the evidence window's input), else None."""
+        cfg = getattr(getattr(self.defense, "zm", None), "cfg", None)
+        lam = getattr(cfg, "lambda0", None)
+        if not self.voting.evidence or score is None or not lam or lam <= 0:
+            return [None] * len(props)
+        return [None if p is not None else float(s) / float(lam) for s, p in zip(score.tolist(), props)]
+
     def _step(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings) -> List[StepResult]:
         n = x.shape[0]
         motion = self.voting.motion and self.voting.propagate and self.defense.accepts_prior
@@ -205,10 +214,11 @@ class DefenseStep:
         flags = [bool(f) for f in res.flagged.tolist()] if res.flagged is not None else [False] * n  # maskers never alarm
         detected = res.extras.get("detected_mask", res.mask) if self.defense.accepts_prior else None
         votes = []
+        ratios = self._ratios(res.score, props)
         for i, (voter, prop, flagged) in enumerate(zip(voters, props, flags)):
             fresh = 1.0 - detected[i:i + 1] if flagged and detected is not None else None
             votes.append(voter.update(flagged, fresh, prop is not None and not flagged,
-                                      frame=x[i] if motion else None))
+                                      frame=x[i] if motion else None, ratio=ratios[i]))
         tm.add("vote", t0, self.clock.mark(host=True))
         t1 = self.clock.mark()
         outs = decode_batch(res.output, n, self.task)
@@ -225,7 +235,8 @@ class DefenseStep:
                            propagated=props[i] is not None,
                            second_pass=ran and (n == 1 or flags[i] or not only_flagged),
                            raw_flagged=raw[i] if raw is not None and props[i] is not None else None,
-                           alarm=votes[i].alarm, raised=votes[i].raised, cleared=votes[i].cleared)
+                           alarm=votes[i].alarm, raised=votes[i].raised, cleared=votes[i].cleared,
+                           evidence=votes[i].evidence)
                 for i in range(n)]
 
     def _failed(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings, msg: str) -> List[StepResult]:

@@ -15,6 +15,12 @@ the next frame is then analysed unmasked and either re-detects the patch or vote
 With ``motion`` (opt-in, ``--motion``) the ring's masks are moved by the scene's motion between frames first (the patch is
 a plane: a homography tracked around the mask, ``realtime.live.motion``), so the carried mask follows
 a poster the car drives past instead of lagging behind it.
+
+Evidence (opt-in, ``--evidence N:R``): a second way to raise the alarm, for a patch that keeps its score
+just under lambda0 on every frame. The mean of ``score / lambda0`` over the last ``N`` unmasked first
+passes raises (and holds) the alarm when it exceeds ``R``; ``R`` comes from clean footage
+(``fit_evidence``: the largest N-frame mean seen on clean training sequences, times a margin). It only
+alarms: frames it covers are not masked unless they are flagged themselves.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class VotingConfig:
     dilate: int = 16                     # pixels of dilation on the propagated mask (motion margin)
     motion: bool = False                 # move carried masks with the scene (``realtime.live.motion``); opt-in:
                                          # it helped DDRNet and hurt BiSeNet on the physical benchmark
+    evidence: int = 0                    # frames in the score-evidence window (0: off)
+    evidence_ratio: float = 1.0          # alarm when their mean score / lambda0 exceeds this
 
     def __post_init__(self) -> None:
         if self.n < 1 or not 1 <= self.k <= self.n:
@@ -50,6 +58,8 @@ class VotingConfig:
             raise ValueError(f"voting needs m >= 1 frames to clear, got {self.m}")
         if self.mask_window < 1 or self.dilate < 0:
             raise ValueError("mask_window must be >= 1 and dilate >= 0")
+        if self.evidence < 0 or not self.evidence_ratio > 0:
+            raise ValueError(f"evidence needs N >= 0 frames and a ratio > 0, got {self.evidence}:{self.evidence_ratio}")
 
     @classmethod
     def parse(cls, text: str, clear: Optional[int] = None, **kw: object) -> "VotingConfig":
@@ -66,12 +76,25 @@ class VotingConfig:
         m = clear if clear is not None else (nums[2] if len(nums) == 3 else cls.m)
         return cls(k=nums[0], n=nums[1], m=m, **kw)
 
+    @staticmethod
+    def parse_evidence(text: Optional[str]) -> Tuple[int, float]:
+        """``'N:R'`` (window, ratio) or None/'off' -> (0, 1.0)."""
+        if text is None or text.strip().lower() in ("off", "none", ""):
+            return 0, 1.0
+        try:
+            n, r = text.split(":")
+            return int(n), float(r)
+        except ValueError:
+            raise ValueError(f"--evidence expects N:R (frames:mean score over lambda0, e.g. 8:0.75), got '{text}'") from None
+
     def describe(self) -> str:
         if not self.enabled:
             return "off"
         prop = (f", propagate {self.mask_window} frames +{self.dilate}px{', motion-compensated' if self.motion else ''}"
                 if self.propagate else ", no propagation")
-        return f"{self.k}/{self.n} to raise, {self.m} clean to clear{prop}"
+        ev = (f", evidence: mean score > {self.evidence_ratio:g} lambda0 over {self.evidence} frames"
+              if self.evidence else "")
+        return f"{self.k}/{self.n} to raise, {self.m} clean to clear{prop}{ev}"
 
 
 @dataclass
@@ -82,6 +105,7 @@ class VoteState:
     raised: bool            # the alarm turned on at this frame
     cleared: bool           # the alarm turned off at this frame
     positives: int          # positive votes in the window
+    evidence: Optional[float] = None   # mean score / lambda0 over the evidence window (when full)
 
 
 class TemporalVoter:
@@ -90,6 +114,7 @@ class TemporalVoter:
     def __init__(self, cfg: VotingConfig) -> None:
         self.cfg = cfg
         self.window: Deque[bool] = deque(maxlen=cfg.n)
+        self.ratios: Deque[float] = deque(maxlen=max(cfg.evidence, 1))
         self.ring: Deque[Optional[torch.Tensor]] = deque(maxlen=cfg.mask_window)
         self.alarm = False
         self.negatives = 0
@@ -123,10 +148,22 @@ class TemporalVoter:
         acc = dilate(acc, self.cfg.dilate)
         return acc if bool(acc.any()) else None
 
+    def evidence(self, ratio: Optional[float]) -> Optional[float]:
+        """Add one unmasked first pass's ``score / lambda0`` (None: masked or unscored, not added); the
+        window's mean once it is full (None before, or when evidence is off)."""
+        if not self.cfg.evidence:
+            return None
+        if ratio is not None:
+            self.ratios.append(float(ratio))
+        return sum(self.ratios) / len(self.ratios) if len(self.ratios) == self.cfg.evidence else None
+
     def update(self, detected: bool, fresh_mask: Optional[torch.Tensor] = None, carried: bool = False,
-               frame: Optional[torch.Tensor] = None) -> VoteState:
+               frame: Optional[torch.Tensor] = None, ratio: Optional[float] = None) -> VoteState:
         """Record one frame: ``detected`` (fresh flag), its masked region, and whether it was carried;
-        ``frame`` (3,H,W), with ``cfg.motion``: the frame a first fresh mask is aligned to."""
+        ``frame`` (3,H,W), with ``cfg.motion``: the frame a first fresh mask is aligned to; ``ratio``:
+        its score / lambda0 when its first pass ran unmasked (the evidence window's input)."""
+        mean = self.evidence(ratio)
+        strong = mean is not None and mean > self.cfg.evidence_ratio
         vote = bool(detected or carried)
         fresh = detected and fresh_mask is not None
         self.ring.append(fresh_mask.detach().float() if fresh else None)
@@ -136,27 +173,50 @@ class TemporalVoter:
             raised, cleared = vote and not self.alarm, self.alarm and not vote
             self.alarm = vote
             self.raises += int(raised)
-            return VoteState(vote, self.alarm, raised, cleared, int(vote))
+            return VoteState(vote, self.alarm, raised, cleared, int(vote), mean)
         self.window.append(vote)
         self.negatives = 0 if vote else self.negatives + 1
         positives = sum(self.window)
         raised = cleared = False
-        if not self.alarm and positives >= self.cfg.k:
+        if not self.alarm and (positives >= self.cfg.k or strong):
             self.alarm = raised = True
             self.raises += 1
-        elif self.alarm and self.negatives >= self.cfg.m:
+        elif self.alarm and self.negatives >= self.cfg.m and not strong:
             self.alarm, cleared = False, True
             self.window.clear()
             self.ring.clear()
             self.last_gray = None
             positives = 0
-        return VoteState(vote, self.alarm, raised, cleared, positives)
+        return VoteState(vote, self.alarm, raised, cleared, positives, mean)
 
 
-def simulate(flags, cfg: VotingConfig):
-    """Alarm state per frame for a sequence of fresh detections (no propagation): offline tuning."""
+def simulate(flags, cfg: VotingConfig, ratios: Optional[Sequence[Optional[float]]] = None):
+    """Alarm state per frame for a sequence of fresh detections (no propagation): offline tuning;
+    ``ratios`` (score / lambda0 per frame) feed the evidence window when ``cfg.evidence`` is on."""
     voter = TemporalVoter(cfg)
-    return [voter.update(bool(f)).alarm for f in flags]
+    ratios = list(ratios) if ratios is not None else [None] * len(flags)
+    return [voter.update(bool(f), ratio=r).alarm for f, r in zip(flags, ratios)]
+
+
+def window_means(ratios: Sequence[float], n: int) -> np.ndarray:
+    """Means of every ``n`` consecutive values (empty when fewer)."""
+    r = np.asarray([v for v in ratios if v is not None], np.float64)
+    if n < 1 or len(r) < n:
+        return np.zeros(0)
+    c = np.concatenate([[0.0], np.cumsum(r)])
+    return (c[n:] - c[:-n]) / n
+
+
+def fit_evidence(clean: Sequence[Sequence[float]], n: int, margin: float = 1.0) -> float:
+    """The evidence ratio for an ``n``-frame window: the largest n-frame mean of ``score / lambda0`` on any
+    clean sequence, times ``margin`` (>= 1 leaves headroom for footage the fit did not see)."""
+    means = [window_means(seq, n) for seq in clean]
+    means = [m for m in means if m.size]
+    if not means:
+        raise ValueError(f"no clean sequence has {n} scored frames to fit the evidence window on")
+    # a hair above the largest mean: the voter sums its window in another order, and the fitted maximum itself
+    # must not alarm through rounding
+    return float(max(m.max() for m in means)) * margin * (1.0 + 1e-9) + 1e-12
 
 
 def _segments(path: str, threshold: Optional[float] = None) -> Tuple[List[bool], Optional[int]]:
