@@ -71,6 +71,7 @@ class PhysicalConfig:
     dilate: int = 16
     motion: bool = False                     # motion-compensated mask propagation in the live step
     cue: Optional[str] = None                # zmask_cue: the outlier-cue artifact (default: the shipped one)
+    refine: str = "none"                     # grabcut: snap flagged frames' masks to the poster's edges
     data: Optional[str] = None
     device: str = "cpu"
     out_dir: str = str(DEFAULT_DIR)
@@ -127,12 +128,14 @@ class Bench:
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=cal_path, loaded_calibration=cal)
         if cfg.defense not in ZMASK_VARIANTS:
             raise KeyError(f"--defense must be zmask or zmask_cue, got {cfg.defense!r}")
-        self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}))
+        self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}),
+                                     **({"refine": cfg.refine} if cfg.refine != "none" else {}))
         self.voting = VotingConfig.parse(cfg.vote, mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)
         self.identity = {"metrics": 2, "model": cfg.model, "fingerprint": fingerprint(self.model), "calibration": sha(cal_path),
                          "vote": self.voting.describe(), "limit": cfg.limit,
                          **({"defense": cfg.defense} if cfg.defense != "zmask" else {}),
-                         **({"cue": sha(Path(cfg.cue))} if cfg.cue else {})}
+                         **({"cue": sha(Path(cfg.cue))} if cfg.cue else {}),
+                         **({"refine": cfg.refine} if cfg.refine != "none" else {})}
 
     @torch.inference_mode()
     def single(self, x: torch.Tensor):
@@ -269,6 +272,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalConfig:
     p.add_argument("--dilate", type=int, default=16)
     p.add_argument("--motion", action="store_true", help="motion-compensated mask propagation in the live step")
     p.add_argument("--cue", default=None, help="zmask_cue: outlier-cue artifact (default: the shipped one)")
+    p.add_argument("--refine", default="none", choices=("none", "grabcut"),
+                   help="grabcut: snap each flagged frame's mask to the poster's edges in the image")
     p.add_argument("--data", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=str(DEFAULT_DIR))
@@ -279,7 +284,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalConfig:
     tag = a.tag or (Path(a.calibration).stem if a.calibration else "shipped")
     return PhysicalConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense, patch=a.patch, split=a.split,
                           clean_splits=tuple(s for s in a.clean_splits.split(",") if s), seeds=a.seeds, vote=a.vote,
-                          mask_window=a.mask_window, dilate=a.dilate, motion=a.motion, cue=a.cue, data=a.data, device=a.device, out_dir=a.out_dir,
+                          mask_window=a.mask_window, dilate=a.dilate, motion=a.motion, cue=a.cue, refine=a.refine, data=a.data, device=a.device, out_dir=a.out_dir,
                           tag=tag, limit=a.limit, resume=a.resume, progress=not a.quiet)
 
 

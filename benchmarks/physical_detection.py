@@ -58,6 +58,7 @@ class PhysicalDetectionConfig:
     calibration: Optional[str] = None
     defense: str = "zmask"
     cue: Optional[str] = None                # zmask_cue: the outlier-cue artifact (default: the shipped one)
+    refine: str = "none"                     # grabcut: snap flagged frames' masks to the poster's edges
     patch: str = "eot_L"                     # a library condition (<model>_<name>.png) or a PNG path
     split: str = "val"
     clean_splits: Tuple[str, ...] = ("train", "val")
@@ -99,10 +100,12 @@ class Bench:
                          else REPO / "calibration" / "shipped" / f"{model_slug(cfg.model)}.safetensors")
         cal = load_calibration(self.cal_path, self.model)
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=self.cal_path, loaded_calibration=cal)
-        self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}))
+        self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}),
+                                     **({"refine": cfg.refine} if cfg.refine != "none" else {}))
         self.identity = {"metrics": 1, "model": cfg.model, "fingerprint": fingerprint(self.model),
                          "calibration": sha(self.cal_path), "defense": cfg.defense, "limit": cfg.limit,
-                         **({"cue": sha(Path(cfg.cue))} if cfg.cue else {})}
+                         **({"cue": sha(Path(cfg.cue))} if cfg.cue else {}),
+                         **({"refine": cfg.refine} if cfg.refine != "none" else {})}
 
     @torch.inference_mode()
     def frame(self, x: torch.Tensor, gt: Optional[np.ndarray] = None) -> Dict:
@@ -236,8 +239,9 @@ def run(cfg: PhysicalDetectionConfig) -> Dict:
     parts = out / "parts" / name
     key = {**bench.identity, "patch": sha(path), "split": cfg.split}
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    clean_tag = hashlib.sha256(json.dumps({k: v for k, v in key.items() if k != "patch"}, sort_keys=True)
-                               .encode()).hexdigest()[:12]
+    # the clean runs record flags and scores: neither the patch nor the mask refinement changes them
+    clean_tag = hashlib.sha256(json.dumps({k: v for k, v in key.items() if k not in ("patch", "refine")},
+                                          sort_keys=True).encode()).hexdigest()[:12]
     shared = out / "parts" / f"{model_slug(cfg.model)}_clean_{cfg.tag}"       # every patch's clean runs
     clean = [cached_part(shared / f"clean_{split}_{seq}.json", clean_tag, cfg.resume,
                          lambda s=split, q=seq: clean_run(bench, s, q))
@@ -268,6 +272,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalDetectionConfig:
     p.add_argument("--calibration", default=None, help="Z-Mask artifact (default: the shipped one)")
     p.add_argument("--defense", default="zmask", help=f"one of {', '.join(ZMASK_VARIANTS)}")
     p.add_argument("--cue", default=None, help="zmask_cue: outlier-cue artifact (default: the shipped one)")
+    p.add_argument("--refine", default="none", choices=("none", "grabcut"),
+                   help="grabcut: snap each flagged frame's mask to the poster's edges in the image")
     p.add_argument("--tag", default=None, help="name of this calibration in the output files (default: its stem)")
     p.add_argument("--patch", default="eot_L", help="library condition (eot_L, apricot_L, ...) or a PNG path")
     p.add_argument("--split", default="val")
@@ -283,7 +289,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PhysicalDetectionConfig:
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
     tag = a.tag or (Path(a.calibration).stem if a.calibration else "shipped")
-    return PhysicalDetectionConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense, cue=a.cue,
+    return PhysicalDetectionConfig(model=a.model, weights=a.weights, calibration=a.calibration, defense=a.defense, cue=a.cue, refine=a.refine,
                                    patch=a.patch, split=a.split, clean_splits=tuple(s for s in a.clean_splits.split(",") if s),
                                    seeds=a.seeds, data=a.data, device=a.device, out_dir=a.out_dir, tag=tag, limit=a.limit,
                                    resume=a.resume, progress=not a.quiet)

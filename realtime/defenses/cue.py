@@ -34,6 +34,7 @@ from realtime.models import fingerprint, model_slug
 from .registry import DefenseContext, REPO, register_defense
 from .spr import SPRConfig, resize, to_work, zscore
 from .zmask import ChannelStats, Detection, HeatmapBackend, ZMask
+from .refine import parse_refine
 from .zmask_defense import ZMaskDefense, context_calibration
 
 FORMAT = "outlier-cue/1"
@@ -194,13 +195,13 @@ def cue_path(model_name: str) -> Path:
 
 @register_defense("zmask_cue")
 def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None, threshold: Optional[float] = None,
-                     heatmap_backend: Union[str, HeatmapBackend] = "reference") -> CuedZMaskDefense:
+                     heatmap_backend: Union[str, HeatmapBackend] = "reference", refine: Any = None) -> CuedZMaskDefense:
     """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue); ``threshold``
-    overrides lambda0 (the cue's own threshold is unchanged: it is scaled into lambda0's units). The module is
-    hooked (an engine's taps hold Z-Mask's layers only, not the cue's)."""
+    overrides lambda0 (the cue's own threshold is unchanged: it is scaled into lambda0's units); ``refine`` as
+    for ``zmask``. The module is hooked (an engine's taps hold Z-Mask's layers only, not the cue's)."""
     cal = context_calibration(ctx)
     oc = load_cue(cue or cue_path(ctx.model_name), ctx.model)
     zm = CuedZMask.build(cal, ctx.model, oc, heatmap_backend)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
-    return CuedZMaskDefense(zm.eval())
+    return CuedZMaskDefense(zm.eval(), parse_refine(refine))

@@ -10,6 +10,7 @@ import torch
 from .base import Defense, DefenseResult, StageTimer
 from .registry import DefenseContext, register_defense
 from .artifact import load_calibration
+from .refine import RefineConfig, parse_refine, refine_keep
 from .zmask import ZMask
 
 
@@ -37,6 +38,8 @@ class ZMaskDefense(Defense):
     with taps -> heatmaps, fusion, score, flag, keep-mask (``ZMask.detect``) -> shield the flagged
     frames with the union of the fresh and the prior mask -> second pass on the flagged frames only.
     Unflagged frames keep the first pass (run on the prior-masked input when a prior is given).
+    With ``refine`` set, the keep-mask of each flagged frame, and a carried ``prior``, are snapped to the
+    patch's edges in the frame (``refine.refine_keep``, stage "refine") before anything uses them.
     ``extras["detected_mask"]`` is this frame's own keep-mask, before the prior is merged in.
     """
     name = "zmask"
@@ -45,9 +48,10 @@ class ZMaskDefense(Defense):
     accepts_prior = True
     second_pass_flagged_only = True     # the second pass re-runs the flagged frames of a batch only
 
-    def __init__(self, zm: ZMask) -> None:
+    def __init__(self, zm: ZMask, refine: Optional[RefineConfig] = None) -> None:
         super().__init__(getattr(zm.taps, "model", zm))
         self.zm = zm
+        self.refine = refine
 
     def plain(self, x: torch.Tensor) -> Any:
         return self.zm.taps.plain(x)
@@ -56,11 +60,17 @@ class ZMaskDefense(Defense):
         zm = self.zm
         x1 = x
         if prior is not None:
+            if self.refine is not None:        # a carried mask snaps to the patch's edges in this frame as well
+                with timer("refine"):
+                    prior = refine_keep(x, prior, torch.ones(x.shape[0], dtype=torch.bool), self.refine)
             with timer("mask"):
                 x1 = zm.shield(x, prior)
         with timer("backbone"):
             out, taps = zm.taps(x1)
         det = zm.detect(taps, (x.shape[-2], x.shape[-1]), timer)
+        if self.refine is not None and bool(det.flagged.any()):
+            with timer("refine"):
+                det = det._replace(mask=refine_keep(x, det.mask, det.flagged, self.refine))
         keep = det.mask if prior is None else torch.minimum(det.mask, prior.to(det.mask.dtype))
         with timer("mask"):
             xd = zm.shield(x, keep) if bool(det.flagged.any()) else x1
@@ -73,7 +83,8 @@ class ZMaskDefense(Defense):
     def describe(self) -> Dict[str, Any]:
         cfg = self.zm.cfg
         return {**super().describe(), "shallow": list(cfg.shallow), "deep": list(cfg.deep),
-                "lambda0": cfg.lambda0, "work_size": list(cfg.spr.work_size), "heatmaps": self.zm.heatmaps_in_use()}
+                "lambda0": cfg.lambda0, "work_size": list(cfg.spr.work_size), "heatmaps": self.zm.heatmaps_in_use(),
+                **({"refine": dataclasses.asdict(self.refine)} if self.refine is not None else {})}
 
 
 @register_defense("none")
@@ -94,8 +105,10 @@ def context_calibration(ctx: DefenseContext):
 
 
 @register_defense("zmask")
-def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask_options: Any) -> Defense:
-    """Z-Mask from the calibration artifact (fingerprint checked); ``threshold`` overrides lambda0."""
+def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, refine: Any = None,
+                 **zmask_options: Any) -> Defense:
+    """Z-Mask from the calibration artifact (fingerprint checked); ``threshold`` overrides lambda0;
+    ``refine`` ("grabcut" or a ``RefineConfig``) snaps flagged frames' masks to the patch's edges."""
     cal = context_calibration(ctx)
     # On an engine the taps come out of the engine, and the module is left unhooked.
     # The artifact was checked against ctx.model when it was loaded: no second fingerprint.
@@ -114,6 +127,6 @@ def _build_zmask(ctx: DefenseContext, threshold: Optional[float] = None, **zmask
     zm = cal.build_zmask(ctx.model, check=False, taps=taps, **zmask_options)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
-    return ZMaskDefense(zm.eval())
+    return ZMaskDefense(zm.eval(), parse_refine(refine))
 
 

@@ -10,6 +10,8 @@ with the configuration, model, calibration or backend is a ``UsageError`` (one l
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -70,6 +72,7 @@ class RunConfig:
     no_propagate: bool = False
     motion: bool = False                      # move propagated masks with the scene (motion compensation)
     evidence: Optional[str] = None            # "N:R": alarm on the mean score / lambda0 over N frames (off: None)
+    refine: str = "none"                      # grabcut: snap flagged and carried masks to the patch's edges
     fail_closed: bool = False
     box_threshold: float = 0.4
     show: bool = False
@@ -174,7 +177,8 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     options: Dict[str, Any] = {}
     if cfg.defense in ZMASK_VARIANTS:
         try:
-            options = {"threshold": cfg.threshold, "heatmap_backend": heatmap_backend(cfg.kernels)}
+            options = {"threshold": cfg.threshold, "heatmap_backend": heatmap_backend(cfg.kernels),
+                       **({"refine": cfg.refine} if cfg.refine != "none" else {})}
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"--kernels {cfg.kernels}: {one_line(exc)}") from None
     try:
@@ -192,7 +196,8 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
         desc = {"defense": "zmask", "calibration": str(calibration_path(cfg)), "lambda0": zm.cfg.lambda0,
                 "calibration_lambda0": cal.config.lambda0, "calibration_fingerprint": cal.fingerprint,
                 "calibration_model": cal.model_name, "kernels": zm.heatmap_backend,
-                "voting": pipeline.voting.describe(), "engine": engine_desc}
+                "voting": pipeline.voting.describe(), "engine": engine_desc,
+                **({"refine": dataclasses.asdict(defense.refine)} if getattr(defense, "refine", None) else {})}
     else:
         desc = {**defense.describe(), "voting": pipeline.voting.describe(), "engine": engine_desc}
         zm = getattr(defense, "zm", None)
