@@ -110,33 +110,6 @@ def test_the_defense_masks_the_refined_region_before_the_second_pass():
     assert torch.allclose(shielded[:, 45:75, 85:105], torch.full((3, 30, 20), 0.5))   # the far half is masked too
 
 
-def test_a_carried_prior_is_refined_on_the_current_frame():
-    from realtime.defenses.zmask_defense import ZMaskDefense
-    img, truth = scene()
-    found = np.zeros_like(truth)
-    found[44:78, 44:82] = True
-    x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
-    seen = []
-
-    class Quiet(_HalfFinder):                   # nothing flagged on this frame: only the carried prior masks
-        def detect(self, taps, size, timer=None):
-            from realtime.defenses import Detection
-            one = torch.ones(1, 1, *size)
-            return Detection(one, one, 0 * one, torch.zeros(1), torch.tensor([False]), one)
-
-    class Seeing(_Taps):                        # records the first pass's input (the prior-shielded frame)
-        def __call__(self, inp):
-            seen.append(inp.clone())
-            return super().__call__(inp)
-
-    zm = Quiet(found)
-    zm.taps = Seeing(zm)
-    prior = torch.from_numpy(~found).float()[None, None]
-    res = ZMaskDefense(zm, RefineConfig())(x, prior=prior)
-    masked = (seen[0][0] == 0.5).all(0).numpy()
-    assert iou(masked, truth) > 0.85 and iou(res.mask[0, 0].numpy() < 0.5, truth) > 0.85
-
-
 def test_live_run_takes_the_refine_option():
     """``realtime.run --refine grabcut`` reaches the Z-Mask defense (and is recorded in the run's description)."""
     from realtime import run as cli

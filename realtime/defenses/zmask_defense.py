@@ -38,8 +38,10 @@ class ZMaskDefense(Defense):
     with taps -> heatmaps, fusion, score, flag, keep-mask (``ZMask.detect``) -> shield the flagged
     frames with the union of the fresh and the prior mask -> second pass on the flagged frames only.
     Unflagged frames keep the first pass (run on the prior-masked input when a prior is given).
-    With ``refine`` set, the keep-mask of each flagged frame, and a carried ``prior``, are snapped to the
-    patch's edges in the frame (``refine.refine_keep``, stage "refine") before anything uses them.
+    With ``refine`` set, the keep-mask of each flagged frame is snapped to the patch's edges in the frame
+    (``refine.refine_keep``, stage "refine") before anything uses it. A carried ``prior`` is not refined:
+    it arrives dilated for motion, and a seed that already covers the facade teaches the colour models the
+    facade (measured: the live mask's precision fell to 0.51 and the damage grew).
     ``extras["detected_mask"]`` is this frame's own keep-mask, before the prior is merged in.
     """
     name = "zmask"
@@ -60,9 +62,6 @@ class ZMaskDefense(Defense):
         zm = self.zm
         x1 = x
         if prior is not None:
-            if self.refine is not None:        # a carried mask snaps to the patch's edges in this frame as well
-                with timer("refine"):
-                    prior = refine_keep(x, prior, torch.ones(x.shape[0], dtype=torch.bool), self.refine)
             with timer("mask"):
                 x1 = zm.shield(x, prior)
         with timer("backbone"):

@@ -72,7 +72,7 @@ class RunConfig:
     no_propagate: bool = False
     motion: bool = False                      # move propagated masks with the scene (motion compensation)
     evidence: Optional[str] = None            # "N:R": alarm on the mean score / lambda0 over N frames (off: None)
-    refine: str = "none"                      # grabcut: snap flagged and carried masks to the patch's edges
+    refine: str = "none"                      # grabcut: snap flagged frames' masks to the patch's edges
     fail_closed: bool = False
     box_threshold: float = 0.4
     show: bool = False
