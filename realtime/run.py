@@ -107,7 +107,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "lambda0 (a patch held just under the per-frame threshold); alarm only, no masking. "
                         "Fitted values per model: README, 'Adaptive attackers'")
     p.add_argument("--refine", default="none", choices=("none", "grabcut"),
-                   help="snap each flagged frame's mask to the patch's edges in the image (try it with --motion --dilate 0) "
+                   help="snap each flagged frame's mask to the patch's edges in the image (measured with --motion --dilate 0) "
                         "(GrabCut seeded by the Z-Mask mask; a few hundred ms per masked frame on a CPU)")
     p.add_argument("--fail-closed", action="store_true",
                    help="a frame whose defense fails gets NO output (marked unsafe) instead of an undefended one")
