@@ -129,7 +129,7 @@ class Bench:
         if cfg.defense not in ZMASK_VARIANTS:
             raise KeyError(f"--defense must be zmask or zmask_cue, got {cfg.defense!r}")
         self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}),
-                                     **({"refine": cfg.refine} if cfg.refine != "none" else {}))
+                                     refine=cfg.refine)
         self.voting = VotingConfig.parse(cfg.vote, mask_window=cfg.mask_window, dilate=cfg.dilate, motion=cfg.motion)
         self.identity = {"metrics": 2, "model": cfg.model, "fingerprint": fingerprint(self.model), "calibration": sha(cal_path),
                          "vote": self.voting.describe(), "limit": cfg.limit,

@@ -101,7 +101,7 @@ class Bench:
         cal = load_calibration(self.cal_path, self.model)
         ctx = DefenseContext(self.model, cfg.model, device=self.device, calibration=self.cal_path, loaded_calibration=cal)
         self.defense = build_defense(cfg.defense, ctx, **({"cue": cfg.cue} if cfg.cue else {}),
-                                     **({"refine": cfg.refine} if cfg.refine != "none" else {}))
+                                     refine=cfg.refine)
         self.identity = {"metrics": 1, "model": cfg.model, "fingerprint": fingerprint(self.model),
                          "calibration": sha(self.cal_path), "defense": cfg.defense, "limit": cfg.limit,
                          **({"cue": sha(Path(cfg.cue))} if cfg.cue else {}),

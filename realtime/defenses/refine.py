@@ -35,7 +35,6 @@ class RefineConfig:
     core: int = 3                # erosion (px) of the found mask that is taken as sure patch
     reach: float = 0.8           # band beyond the mask left to the colour models, fraction of the mask's size
     iterations: int = 3
-    max_side: int = 0            # > 0: run GrabCut on the crop scaled down to this longer side (speed), result scaled back
     min_ratio: float = 0.5       # refined area / found area outside [min_ratio, max_ratio]: keep the found mask
     max_ratio: float = 3.0
 
@@ -65,21 +64,12 @@ def refine_one(rgb: np.ndarray, hit: np.ndarray, cfg: RefineConfig = RefineConfi
     gc[core > 0] = cv2.GC_FGD
     if not (gc == cv2.GC_BGD).any() or not (core > 0).any():
         return hit, False                 # no background in the crop, or a sliver of a mask: nothing to learn
-    full = gc.shape
-    scale = cfg.max_side / max(full) if cfg.max_side > 0 else 1.0
-    if scale < 1.0:
-        small = (max(int(round(full[1] * scale)), 1), max(int(round(full[0] * scale)), 1))
-        crop = cv2.resize(crop, small, interpolation=cv2.INTER_AREA)
-        gc = cv2.resize(gc, small, interpolation=cv2.INTER_NEAREST)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
         cv2.grabCut(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), gc, None, bgd, fgd, cfg.iterations, cv2.GC_INIT_WITH_MASK)
     except cv2.error:
         return hit, False
-    new = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.float32)
-    if scale < 1.0:
-        new = cv2.resize(new, (full[1], full[0]), interpolation=cv2.INTER_LINEAR)
-    new = new > 0.5
+    new = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)      # full resolution: at half size the edges cost the gain
     ratio = new.sum() / max(int(found.sum()), 1)
     if not cfg.min_ratio <= ratio <= cfg.max_ratio:
         return hit, False

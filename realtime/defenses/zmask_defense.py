@@ -67,12 +67,13 @@ class ZMaskDefense(Defense):
         with timer("backbone"):
             out, taps = zm.taps(x1)
         det = zm.detect(taps, (x.shape[-2], x.shape[-1]), timer)
-        if self.refine is not None and bool(det.flagged.any()):
+        any_flag = bool(det.flagged.any())      # one host sync for both uses
+        if self.refine is not None and any_flag:
             with timer("refine"):
                 det = det._replace(mask=refine_keep(x, det.mask, det.flagged, self.refine))
         keep = det.mask if prior is None else torch.minimum(det.mask, prior.to(det.mask.dtype))
         with timer("mask"):
-            xd = zm.shield(x, keep) if bool(det.flagged.any()) else x1
+            xd = zm.shield(x, keep) if any_flag else x1
         with timer("second_pass"):
             final = zm.second_pass(xd, det.flagged, out)
         return DefenseResult(output=final, defended_input=xd, mask=keep, flagged=det.flagged, score=det.score,

@@ -178,7 +178,7 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
     if cfg.defense in ZMASK_VARIANTS:
         try:
             options = {"threshold": cfg.threshold, "heatmap_backend": heatmap_backend(cfg.kernels),
-                       **({"refine": cfg.refine} if cfg.refine != "none" else {})}
+                       "refine": cfg.refine}
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"--kernels {cfg.kernels}: {one_line(exc)}") from None
     try:
