@@ -176,7 +176,7 @@ def test_evidence_alarms_on_scores_held_under_lambda0_and_skips_masked_frames():
     assert not any(r.alarm or r.flagged for r in a) and all(r.evidence is None for r in a)
     assert [r.alarm for r in b] == [False] * 3 + [True] * 3 and not any(r.flagged for r in b)
     assert b[3].evidence == pytest.approx(0.9) and b[3].raised
-    assert withev._ratios(torch.tensor([0.45, 0.45]), [None, torch.ones(1, 1, 4, 4)]) == [pytest.approx(0.9), None]
+    assert withev._ratios([0.45, 0.45], [None, torch.ones(1, 1, 4, 4)]) == [pytest.approx(0.9), None]
 
 
 @pytest.mark.parametrize("fail_closed", [True, False])

@@ -188,13 +188,13 @@ class DefenseStep:
             rows.append(1.0 - p if p is not None else ones)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-    def _ratios(self, score: Optional[torch.Tensor], props: Sequence[Optional[torch.Tensor]]) -> List[Optional[float]]:
+    def _ratios(self, scores: Sequence[Optional[float]], props: Sequence[Optional[torch.Tensor]]) -> List[Optional[float]]:
         """score / lambda0 of the rows whose first pass ran unmasked (the evidence window's input), else None."""
         cfg = getattr(getattr(self.defense, "zm", None), "cfg", None)
         lam = getattr(cfg, "lambda0", None)
-        if not self.voting.evidence or score is None or not lam or lam <= 0:
+        if not self.voting.evidence or not lam or lam <= 0:
             return [None] * len(props)
-        return [None if p is not None else float(s) / float(lam) for s, p in zip(score.tolist(), props)]
+        return [None if p is not None or s is None else float(s) / float(lam) for s, p in zip(scores, props)]
 
     def _step(self, x: torch.Tensor, voters: Sequence[TemporalVoter], tm: Timings) -> List[StepResult]:
         n = x.shape[0]
@@ -214,7 +214,8 @@ class DefenseStep:
         flags = [bool(f) for f in res.flagged.tolist()] if res.flagged is not None else [False] * n  # maskers never alarm
         detected = res.extras.get("detected_mask", res.mask) if self.defense.accepts_prior else None
         votes = []
-        ratios = self._ratios(res.score, props)
+        scores = res.score.tolist() if res.score is not None else [None] * n    # one host copy for votes and results
+        ratios = self._ratios(scores, props)
         for i, (voter, prop, flagged) in enumerate(zip(voters, props, flags)):
             fresh = 1.0 - detected[i:i + 1] if flagged and detected is not None else None
             votes.append(voter.update(flagged, fresh, prop is not None and not flagged,
@@ -226,7 +227,6 @@ class DefenseStep:
         if res.mask is not None:
             m = (res.mask[:, 0].detach() < 0.5).to("cpu").numpy()
             masked = [m[i] if m[i].any() else None for i in range(n)]
-        scores = res.score.tolist() if res.score is not None else [None] * n
         tm.add("postprocess", t1, self.clock.mark())
         ran = res.first_output is not None and res.first_output is not res.output
         only_flagged = getattr(self.defense, "second_pass_flagged_only", False)   # Z-Mask: per-row second pass
