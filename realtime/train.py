@@ -4,13 +4,16 @@ The whole split is held as uint8 tensors on the training device and augmented th
 (scale 0.5-2x, crop, flip, colour jitter), so a GPU is never starved by image decoding and a
 2-core CPU spends its time on the model. OHEM cross-entropy (optionally class-weighted), poly LR
 with linear warm-up, bf16 autocast on GPU, checkpoints every epoch (``last.pt``, ``best.pt`` by val
-mIoU) and automatic resume from ``--out``.
+mIoU) and automatic resume from ``--out``. ``--hold-out SEQ`` trains a leave-one-sequence-out fold: train +
+val pooled, every sequence but SEQ trained on, SEQ scored (``realtime.data.folds``); ``best.pt`` is then
+the latest evaluation, not the best one, so the held-out drive never picks the checkpoint.
 
 Examples:
   python -m realtime.train --model ddrnet23_slim --epochs 300 --batch-size 16          # GPU
   python -m realtime.train --model ddrnet23_slim --base-scale 0.5 --crop 180x240 \\
       --epochs 60 --batch-size 8                                                          # 2-core CPU
   python -m realtime.train --model bisenetv1 --time-budget 1800 --export default       # fit a time box
+  python -m realtime.train --model ddrnet23_slim --hold-out 0001TP --out runs/loso_0001TP   # one fold
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from realtime.core.cli import parse_hw
 from realtime.data import IGNORE_INDEX, NUM_CLASSES, CamVid, DataNotFoundError
 from realtime.data.augment import AugmentConfig, augment_batch
+from realtime.data.folds import load_frames
 from realtime.core.devices import autocast, describe, pick_device
 from realtime.core.losses import class_weights, segmentation_loss
 from realtime.models.evaluate import evaluate, recompute_bn_stats
@@ -68,6 +72,7 @@ class TrainConfig:
     channels_last: bool = True
     export: Optional[str] = None                  # 'default' -> the registry's shipped-weights path
     precise_bn: int = 0                           # >0: recompute BN statistics on this many train frames before eval
+    hold_out: Optional[str] = None                # a sequence: train on train + val without it, score it
 
 
 def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
@@ -114,12 +119,18 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.gen = seed_everything(cfg.seed, cfg.deterministic)
         self.device = pick_device(cfg.device)
-        train = CamVid(cfg.data, "train")
-        val = CamVid(cfg.data, "val")
-        tidx = range(min(cfg.limit, len(train))) if cfg.limit else None
-        vidx = range(min(cfg.val_limit, len(val))) if cfg.val_limit else None
-        self.train_x, self.train_y = (t.to(self.device) for t in train.to_tensors(tidx, progress=True))
-        self.val_x, self.val_y = val.to_tensors(vidx, progress=True)
+        if cfg.hold_out:
+            fit = load_frames(cfg.data, exclude=[cfg.hold_out], limit=cfg.limit, progress=True)
+            held = load_frames(cfg.data, include=[cfg.hold_out], limit=cfg.val_limit, progress=True)
+            print(f"fold: train on {', '.join(fit.names())} ({len(fit)} frames), score {cfg.hold_out} ({len(held)})")
+            train_xy, (self.val_x, self.val_y) = (fit.images, fit.labels), (held.images, held.labels)
+        else:
+            train, val = CamVid(cfg.data, "train"), CamVid(cfg.data, "val")
+            tidx = range(min(cfg.limit, len(train))) if cfg.limit else None
+            vidx = range(min(cfg.val_limit, len(val))) if cfg.val_limit else None
+            train_xy = train.to_tensors(tidx, progress=True)
+            self.val_x, self.val_y = val.to_tensors(vidx, progress=True)
+        self.train_x, self.train_y = (t.to(self.device) for t in train_xy)
         counts = torch.bincount(self.train_y.flatten().long().cpu(), minlength=NUM_CLASSES + 1)[:NUM_CLASSES]
         self.weights = class_weights(counts, cfg.class_weighting)
         if self.weights is not None:
@@ -156,6 +167,9 @@ class Trainer:
         saved = json.loads(st["config"])
         if saved["model"] != self.cfg.model:
             raise ValueError(f"{path} is a checkpoint of '{saved['model']}', not '{self.cfg.model}'")
+        if saved.get("hold_out") != self.cfg.hold_out:
+            raise ValueError(f"{path} was trained with --hold-out {saved.get('hold_out')}, not {self.cfg.hold_out}; "
+                             f"use another --out")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.epoch, self.it, self.best = int(st["epoch"]), int(st["it"]), float(st["best"])
@@ -217,7 +231,7 @@ class Trainer:
             if self.epoch % cfg.eval_every == 0 or self.epoch == self.total_epochs:
                 res = self.validate()
                 rec["val_miou"] = round(res["miou"], 4)
-                if res["miou"] > self.best:
+                if res["miou"] > self.best or cfg.hold_out:     # a fold never selects on its held-out drive
                     self.best = res["miou"]
                     torch.save({"model": self.model.state_dict(), "epoch": self.epoch, "miou": self.best},
                                self.out / "best.pt")
@@ -292,6 +306,8 @@ def parse_args(argv=None) -> TrainConfig:
                    help="recompute BatchNorm statistics on N train frames (eval size) before each evaluation and "
                         "the export: for models whose BN momentum is small (torchvision MobileNetV3: 0.01)")
     p.add_argument("--export", default=None, help="after training write fp16 weights here ('default' = shipped)")
+    p.add_argument("--hold-out", default=None, metavar="SEQ",
+                   help="leave-one-sequence-out fold: train on train + val without SEQ, evaluate on SEQ")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
