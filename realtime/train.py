@@ -73,6 +73,9 @@ class TrainConfig:
     export: Optional[str] = None                  # 'default' -> the registry's shipped-weights path
     precise_bn: int = 0                           # >0: recompute BN statistics on this many train frames before eval
     hold_out: Optional[str] = None                # a sequence: train on train + val without it, score it
+    blur: float = 0.0                             # capture augmentation: blur probability,
+    noise: float = 0.0                            # max sensor-noise std,
+    jpeg: float = 0.0                             # JPEG round-trip probability (0 = off: older recipes replay)
 
 
 def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
@@ -139,7 +142,8 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = make_optimizer(cfg, self.model)
-        self.aug = AugmentConfig(crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max), base_scale=cfg.base_scale)
+        self.aug = AugmentConfig(crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max), base_scale=cfg.base_scale,
+                                 blur=cfg.blur, noise=cfg.noise, jpeg=cfg.jpeg)
         self.iters_per_epoch = max(len(self.train_x) // cfg.batch_size, 1)
         self.epoch, self.it, self.best, self.total_epochs = 0, 0, -1.0, cfg.epochs
         self.budget_fixed = cfg.time_budget is None
@@ -306,6 +310,9 @@ def parse_args(argv=None) -> TrainConfig:
                    help="recompute BatchNorm statistics on N train frames (eval size) before each evaluation and "
                         "the export: for models whose BN momentum is small (torchvision MobileNetV3: 0.01)")
     p.add_argument("--export", default=None, help="after training write fp16 weights here ('default' = shipped)")
+    p.add_argument("--blur", type=float, default=d.blur, help="capture augmentation: Gaussian blur probability")
+    p.add_argument("--noise", type=float, default=d.noise, help="capture augmentation: max noise std ([0,1] scale)")
+    p.add_argument("--jpeg", type=float, default=d.jpeg, help="capture augmentation: JPEG round-trip probability")
     p.add_argument("--hold-out", default=None, metavar="SEQ",
                    help="leave-one-sequence-out fold: train on train + val without SEQ, evaluate on SEQ")
     return TrainConfig(**vars(p.parse_args(argv)))

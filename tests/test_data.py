@@ -89,3 +89,34 @@ def test_augment_padding_is_void():
     cfg = AugmentConfig(crop=(16, 16), scale=(1.0, 1.0), flip=False, brightness=0, contrast=0, saturation=0)
     x, y = augment_batch(img, lab, cfg, g)
     assert (y == 0).sum() == 64 and (y == IGNORE_INDEX).sum() == 256 - 64
+
+
+def _plain(**kw):
+    return AugmentConfig(crop=(32, 40), scale=(1.0, 1.0), flip=False, brightness=0, contrast=0, saturation=0, **kw)
+
+
+def test_capture_effects_blur_noise_jpeg():
+    img = torch.randint(0, 256, (4, 3, 32, 40), dtype=torch.uint8)
+    lab = torch.zeros((4, 32, 40), dtype=torch.uint8)
+    base, _ = augment_batch(img, lab, _plain(), torch.Generator().manual_seed(0))
+    g0 = torch.Generator().manual_seed(0)
+    augment_batch(img, lab, _plain(), g0)
+    g1 = torch.Generator().manual_seed(0)
+    augment_batch(img, lab, _plain(blur=0.0, noise=0.0, jpeg=0.0), g1)
+    assert torch.equal(g0.get_state(), g1.get_state())              # disabled effects draw nothing
+
+    def hf(x):                                                       # high-frequency energy
+        return (x[..., 1:] - x[..., :-1]).abs().mean().item()
+    blurred, y = augment_batch(img, lab, _plain(blur=1.0), torch.Generator().manual_seed(0))
+    assert hf(blurred) < 0.6 * hf(base) and torch.equal(y, lab.long())
+    flat = torch.full((4, 3, 32, 40), 128, dtype=torch.uint8)
+    noisy, _ = augment_batch(flat, lab, _plain(noise=0.1), torch.Generator().manual_seed(0))
+    assert 0.005 < noisy.std().item() < 0.1 and noisy.min() >= 0 and noisy.max() <= 1
+    jp, _ = augment_batch(img, lab, _plain(jpeg=1.0, jpeg_quality=(10, 10)), torch.Generator().manual_seed(0))
+    assert jp.shape == base.shape and (jp - base).abs().mean() > 0.02
+    again, _ = augment_batch(img, lab, _plain(blur=0.5, noise=0.05, jpeg=0.5), torch.Generator().manual_seed(3))
+    same, _ = augment_batch(img, lab, _plain(blur=0.5, noise=0.05, jpeg=0.5), torch.Generator().manual_seed(3))
+    assert torch.equal(again, same)                                  # seeded: reproducible
+    import pytest
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(blur=1.5)

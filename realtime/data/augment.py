@@ -1,14 +1,17 @@
 """Batched training augmentation that runs wherever the data lives (GPU or CPU).
 
 Random scale + crop + horizontal flip are one affine resampling per sample (bilinear for the image,
-nearest for the label, void outside the source frame), followed by colour jitter. Random draws come
-from a ``torch.Generator`` on the CPU, so a seed gives the same crops on any device.
+nearest for the label, void outside the source frame), followed by colour jitter and, when enabled, the
+capture effects a camera adds (Gaussian blur, sensor noise, JPEG): a model that has seen them leans less
+on one drive's look. Random draws come from a ``torch.Generator`` on the CPU, so a seed gives the same
+crops on any device; a disabled effect draws nothing, so older recipes replay exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Tuple
 
+import cv2
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +27,18 @@ class AugmentConfig:
     brightness: float = 0.3
     contrast: float = 0.3
     saturation: float = 0.3
+    blur: float = 0.0                           # probability of a Gaussian blur, sigma uniform in blur_sigma
+    blur_sigma: Tuple[float, float] = (0.5, 1.5)
+    noise: float = 0.0                          # max std of additive Gaussian noise (uniform in [0, noise])
+    jpeg: float = 0.0                           # probability of a JPEG round trip, quality uniform in jpeg_quality
+    jpeg_quality: Tuple[int, int] = (30, 90)
+
+    def __post_init__(self) -> None:
+        for name in ("blur", "jpeg"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.noise < 0 or not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(f"noise must be >= 0 and jpeg_quality within 1..100, got {self.noise}, {self.jpeg_quality}")
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -63,7 +78,46 @@ def augment_batch(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig
     x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     x = gray + (x - gray) * sat
-    return x.clamp_(0, 1), lab
+    return capture_effects(x.clamp_(0, 1), cfg, gen), lab
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (B,3,H,W), one sigma per sample (radius 3 sigma, reflect padding)."""
+    r = max(int(torch.ceil(sigma.max() * 3)), 1)
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)            # (B*3, 2r+1): one kernel per channel
+    b, c, h, w = x.shape
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def capture_effects(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Blur, noise and JPEG on float [0,1] (B,3,H,W), each per sample with its configured odds."""
+    b = x.shape[0]
+    if cfg.blur > 0:
+        pick = torch.rand(b, generator=gen) < cfg.blur
+        sigma = _uniform(b, *cfg.blur_sigma, gen)
+        if bool(pick.any()):
+            idx = torch.nonzero(pick).flatten().to(x.device)
+            x = x.index_copy(0, idx, _gaussian_blur(x.index_select(0, idx), sigma[pick].to(x.device)))
+    if cfg.noise > 0:
+        std = _uniform(b, 0.0, cfg.noise, gen).to(x.device).view(b, 1, 1, 1)
+        z = torch.randn(x.shape, generator=gen).to(x.device)
+        x = (x + std * z).clamp_(0, 1)
+    if cfg.jpeg > 0:
+        pick = torch.rand(b, generator=gen) < cfg.jpeg
+        qual = torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (b,), generator=gen)
+        for i in torch.nonzero(pick).flatten().tolist():                # OpenCV's codec, on the CPU
+            u8 = x[i].mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+            ok, buf = cv2.imencode(".jpg", u8[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(qual[i])])   # RGB -> BGR
+            if not ok:
+                raise RuntimeError("OpenCV could not JPEG-encode a training crop")
+            back = torch.from_numpy(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()).permute(2, 0, 1)
+            x[i] = back.to(x.device, x.dtype) / 255
+    return x
 
 
 def resize_batch(images: torch.Tensor, labels: torch.Tensor, size: Tuple[int, int]
