@@ -33,7 +33,8 @@ from realtime.models import build_model, fingerprint, model_slug
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LAYERS = {"ddrnet23_slim": ("conv1", "layer1"),
-                  "bisenetv1": ("context_path.backbone.stem", "spatial_path.conv_7x7")}
+                  "bisenetv1": ("context_path.backbone.stem", "spatial_path.conv_7x7"),
+                  "fcos_ddrnet": ("backbone.body.conv1", "backbone.body.layer1")}
 
 
 @dataclass
