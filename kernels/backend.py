@@ -7,7 +7,8 @@
   one warning when the kernels were expected but failed or disagreed.
 
 CPU float32 taps (inference, 'same' SPR mode) go to the CPU kernel (``kernels.cpu``: the SPR terms in
-C, the cascades and fusion in the reference's torch code) under the same two rules: ``"fused"`` uses
+C, then the cascades and fusion block in a small C tail; the flag and keep-mask in the reference's torch code)
+under the same two rules: ``"fused"`` uses
 it or fails clearly, ``"auto"`` after the same one-time parity check, else the reference.
 The plain-torch reference stays the default (``"reference"``) and the oracle.
 """
@@ -83,6 +84,7 @@ class FusedRouter:
         self._available: Optional[Tuple[bool, str]] = None
         self._cpu: Optional[CpuZMask] = None
         self.cpu_verdict: Optional[bool] = None         # auto: the CPU kernel's one-time self-check
+        self.cpu_tail_verdict: Optional[bool] = None    # auto: the same for its cascades + fusion (the C tail)
         self._mean_abs: Dict[int, Tuple[ChannelStats, CpuMeanAbsZ, Optional[bool]]] = {}   # id(stats) -> kernel, verdict
         if mode == "fused":
             ok, why = available()
@@ -170,8 +172,14 @@ class FusedRouter:
         return self._cpu
 
     def _use_cpu(self, taps: Dict[str, torch.Tensor], with_fusion: bool) -> bool:
-        if with_fusion:
-            return False                 # the fusion block, flag and mask stay in torch (they are tiny)
+        if with_fusion:                  # the C tail too (cascades + fusion): inference only, after its own check
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.zmask.fusion.parameters()):
+                return False
+            if not self._use_cpu(taps, with_fusion=False):
+                return False
+            if self.cpu_tail_verdict is None:
+                self.cpu_tail_verdict = self.mode == "fused" or self._cpu_tail_check(taps)
+            return self.cpu_tail_verdict
         ok, why = self.cpu_eligible(taps)
         if self.mode == "fused":
             if ok:
@@ -201,6 +209,17 @@ class FusedRouter:
             self._warn(f"the Z-Mask CPU kernel cannot run ({type(exc).__name__}: {exc}); using the reference heatmaps")
             return False
         return self._verdict(errs, tol, "the Z-Mask CPU kernel disagrees")
+
+    def _cpu_tail_check(self, taps: Dict[str, torch.Tensor]) -> bool:
+        """The CPU kernel's whole first pass (terms, cascades, fusion) vs the reference: heatmaps, soft mask, score."""
+        zm = self.zmask
+        with torch.no_grad():
+            h_s, h_d, soft, score = self.cpu_engine().detect(taps, zm.fusion)
+            r_s, r_d = zm.reference_heatmaps(taps)
+            r_soft, r_score = zm.fusion(r_s, r_d)
+            errs = {"h_s": rel_err(h_s, r_s), "h_d": rel_err(h_d, r_d), "soft_mask": rel_err(soft, r_soft),
+                    "score": rel_err(score, r_score)}
+        return self._verdict(errs, SELF_CHECK_TOL[torch.float32], "the Z-Mask CPU kernel's fusion disagrees")
 
     def terms(self, taps: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Tuple[int, int]], torch.Tensor]:
         """The SPR terms of CPU taps from the CPU kernel (``ZMask.reference_terms``' numbers)."""
@@ -298,6 +317,10 @@ class FusedRouter:
 
     def detect(self, taps: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Detection:
         zm = self.zmask
+        if self.on_cpu(taps):
+            h_s, h_d, soft, score = self.cpu_engine().detect(taps, zm.fusion)
+            flagged = score > zm.cfg.lambda0
+            return Detection(h_s, h_d, soft, score, flagged, zm.input_mask(soft, flagged, size))
         det = self.engine().detect(taps, size, zm.fusion, zm.cfg.lambda0, zm.cfg.mask_threshold)
         dt = self._out_dtype(taps)
         return det._replace(h_s=det.h_s.to(dt), h_d=det.h_d.to(dt))

@@ -285,3 +285,75 @@ int zm_cpu_terms(const zm_layer *layers, int nl, int hr, int wr, int threads) {
     free(mem);
     return 0;
 }
+
+/* The rest of the first pass on the terms (what ZMask.maps_from_terms and FusionBlock do in torch, ~60 tiny tensor
+ * ops there): per frame, each cascade H = p_1, H = H / (1 + max H) * p_i (the reference's operation order),
+ * the pixel-wise max over the shallow and over the deep cascades, then the 8-scalar fusion block:
+ *   g = sigmoid(w1 tanh(w2 H_D + b2) + b1), M~ = sigmoid(w4 tanh(w3 H_S g + b3) + b4),
+ *   d = sum(H_S H_D M~) / (1 + sum M~)    (sums in double).
+ * step[s] points at frame 0's plane of cascade step s, stride[s] floats apart frame to frame; cascade c has
+ * len[c] consecutive steps and role[c] 0 (shallow) or 1 (deep). scratch holds one plane. */
+/* exp(v) without a libm call, so the loop below vectorises (with -fno-trapping-math for the clamps): 2^(v log2 e) = 2^n * 2^f with n = round, |f| <= 1/2,
+ * 2^f from its degree-6 Taylor polynomial (relative error < 3e-7 against expf over the clamped range). */
+static inline float zm_exp(float v) {
+    float y = v * 1.44269504f;
+    y = y < -125.0f ? -125.0f : y;                          /* -125: the result stays a normal float */
+    y = y > 126.0f ? 126.0f : y;
+    const int ni = (int)(y + 127.5f) - 127;            /* round(y): the sum is positive, so (int) floors it */
+    const float f = (y - (float)ni) * 0.693147181f;
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f + f * (8.3333338e-3f
+                  + f * 1.3888889e-3f)))));
+    const int bits = (ni + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+static inline float zm_sigmoid(float v) { return 1.0f / (1.0f + zm_exp(-v)); }
+/* tanh as 2 sigmoid(2v) - 1 (libm's tanhf is a call per element); absolute error ~3e-7, inside a sigmoid */
+static inline float zm_tanh(float v) { return 2.0f / (1.0f + zm_exp(-2.0f * v)) - 1.0f; }
+
+/* max of v[0..n) (n >= 1) in 8 lanes, so it vectorises without fast-math (the maps hold no NaN) */
+static float zm_max(const float *restrict v, int n) {
+    float m[8];
+    for (int k = 0; k < 8; ++k) m[k] = v[0];
+    int e = 0;
+    for (; e + 8 <= n; e += 8)
+        for (int k = 0; k < 8; ++k) m[k] = v[e + k] > m[k] ? v[e + k] : m[k];
+    for (; e < n; ++e) m[0] = v[e] > m[0] ? v[e] : m[0];
+    for (int k = 1; k < 8; ++k) m[0] = m[k] > m[0] ? m[k] : m[0];
+    return m[0];
+}
+
+void zm_cpu_tail(const float *const *step, const long *stride, const int *len, const int *role, int nc,
+                 int n, int plane, const float *w, float *restrict hs, float *restrict hd, float *restrict soft,
+                 float *restrict score, float *restrict scratch) {
+    for (int f = 0; f < n; ++f) {
+        float *restrict os = hs + (size_t)f * plane, *restrict od = hd + (size_t)f * plane;
+        float *restrict om = soft + (size_t)f * plane;
+        int seen[2] = {0, 0};
+        for (int c = 0, s0 = 0; c < nc; s0 += len[c], ++c) {
+            const float *p0 = step[s0] + (size_t)f * stride[s0];
+            for (int e = 0; e < plane; ++e) scratch[e] = p0[e];
+            for (int s = s0 + 1; s < s0 + len[c]; ++s) {
+                const float peak = zm_max(scratch, plane);
+                const float den = 1.0f + peak, *p = step[s] + (size_t)f * stride[s];
+                for (int e = 0; e < plane; ++e) scratch[e] = scratch[e] / den * p[e];
+            }
+            float *o = role[c] ? od : os;
+            if (!seen[role[c]]) for (int e = 0; e < plane; ++e) o[e] = scratch[e];
+            else for (int e = 0; e < plane; ++e) o[e] = scratch[e] > o[e] ? scratch[e] : o[e];
+            seen[role[c]] = 1;
+        }
+        const float w1 = w[0], b1 = w[1], w2 = w[2], b2 = w[3], w3 = w[4], b3 = w[5], w4 = w[6], b4 = w[7];
+        for (int e = 0; e < plane; ++e) {      /* elementwise (vectorised), then the two sums in order */
+            const float g = zm_sigmoid(w1 * zm_tanh(w2 * od[e] + b2) + b1);
+            om[e] = zm_sigmoid(w4 * zm_tanh(w3 * (os[e] * g) + b3) + b4);
+        }
+        double num = 0.0, den = 0.0;
+        for (int e = 0; e < plane; ++e) {
+            num += (double)(os[e] * od[e] * om[e]);
+            den += om[e];
+        }
+        score[f] = (float)(num / (1.0 + den));
+    }
+}

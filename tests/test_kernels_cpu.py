@@ -3,6 +3,7 @@
 Skipped (saying why) where no C compiler exists; the fallback without one is tested with a stand-in."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Tuple
 
 import pytest
@@ -124,3 +125,51 @@ def test_broken_compiler_is_reported_and_cache_is_per_key(monkeypatch: pytest.Mo
     ok, why = C.cpu_available()
     assert ok is False and "fake: broken" in why
     assert not list((tmp_path / "cache").glob("*.so"))     # nothing half-written left in the cache
+
+
+def _trained_fusion(seed: int) -> FusionBlock:
+    """A fusion block with non-default parameters, so every one of the 8 scalars matters."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.randn(8, generator=g).tolist()
+    from realtime.defenses import PARAM_NAMES
+    return FusionBlock(**{n: v for n, v in zip(PARAM_NAMES, vals)})
+
+
+@needs_cc
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tail_matches_the_reference_cascades_and_fusion(case: str) -> None:
+    shapes, work, ks, kd = CASES[case]
+    zm, taps = _setup(shapes, work, ks, kd, seed=7)
+    fusion = _trained_fusion(1)
+    h_s, h_d, soft, score = C.CpuZMask(zm.cfg, zm.stats, threads=2).detect(taps, fusion)
+    r_s, r_d = zm.reference_heatmaps(taps)
+    r_soft, r_score = fusion(r_s, r_d)
+    n = next(iter(taps.values())).shape[0]
+    assert h_s.shape == r_s.shape and soft.shape == r_soft.shape and score.shape == (n,)
+    for got, want in ((h_s, r_s), (h_d, r_d), (soft, r_soft), (score, r_score)):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-4, (case, err)
+
+
+@needs_cc
+def test_router_runs_the_whole_first_pass_in_c_and_flags_like_the_reference() -> None:
+    from kernels import heatmap_backend
+    shapes, work, ks, kd = CASES["equal size, batch 3"]
+    zm, taps = _setup(shapes, work, ks, kd, seed=11)
+    zm.fusion = _trained_fusion(2)
+    auto = ZMask(zm.taps, zm.cfg, zm.stats, zm.fusion, heatmap_backend=heatmap_backend("auto"))
+    with torch.no_grad():
+        ref = zm.detect(taps, (40, 56))
+        # a threshold between the frames' scores, so both verdicts occur
+        s = ref.score.sort().values
+        for z in (zm, auto):
+            z.cfg = dataclasses.replace(zm.cfg, lambda0=float((s[0] + s[1]) / 2))
+        ref, got = zm.detect(taps, (40, 56)), auto.detect(taps, (40, 56))
+    assert auto._fused.cpu_tail_verdict is True and auto.heatmaps_in_use() == "cpu kernel"
+    assert torch.equal(got.flagged, ref.flagged) and got.flagged.any() and not got.flagged.all()
+    assert torch.allclose(got.score, ref.score, rtol=1e-5) and got.mask.shape == ref.mask.shape
+    assert (got.mask != ref.mask).float().mean() < 0.01           # threshold ties on a few border pixels at most
+    # with gradients wanted on the fusion block, the tail steps aside (the torch block is differentiable)
+    auto.fusion.requires_grad_(True)
+    det = auto.detect(taps, (40, 56))
+    assert det.score.requires_grad

@@ -252,8 +252,9 @@ class ZMask(nn.Module):
         demo does).
         """
         thr = self.cfg.mask_threshold
-        if not bool(flagged.any()):          # the common clean frame: nothing to resize or threshold
-            return torch.ones(soft.shape[0], 1, *size, dtype=soft.dtype, device=soft.device)
+        if not bool(flagged.any()):          # the common clean frame: nothing to resize or threshold, and no
+            # full-size buffer to fill either: a broadcast view of one 1 (read-only: in-place writes raise)
+            return soft.new_ones(()).expand(soft.shape[0], 1, *size)
         if self.cfg.spr.mode == "same":
             hit = resize(soft.detach(), size, "bilinear") > thr
         else:
