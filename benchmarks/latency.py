@@ -32,6 +32,7 @@ from kernels.backend import heatmap_backend
 from realtime.core.cli import USER_ERRORS, parse_hw, report_error
 from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense, list_defenses
 from realtime.core.devices import pick_device
+from realtime.core.memory import steady_heap
 from realtime.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ class LatencyConfig:
     synthetic: bool = False
     data: Optional[str] = None
     threads: Optional[int] = None
+    steady_heap: bool = True       # fixed malloc thresholds (realtime.core.memory), as realtime.run runs
     progress: bool = True
     command: str = ""
     skipped: List[str] = field(default_factory=list)
@@ -233,13 +235,14 @@ def run_all(cfg: LatencyConfig) -> Dict[str, Any]:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    heap = steady_heap(cfg.steady_heap)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     settings = {"command": cfg.command, "frames": cfg.frames, "warmup": cfg.warmup, "batch": cfg.batch,
                 "precision": cfg.precision, "pool": cfg.pool, "kernel": cfg.kernel, "interleave": INTERLEAVE,
                 "timing": ("CUDA events per stage, torch.cuda.synchronize around each frame" if device.type == "cuda"
                            else "time.perf_counter per stage"),
-                "rss_scope": rss_peak_scope(), "screen_attacked": cfg.screen}
+                "rss_scope": rss_peak_scope(), "screen_attacked": cfg.screen, "heap": heap}
     doc: Dict[str, Any] = {"env": environment(device), "settings": settings, "configs": [],
                            "skipped": list(cfg.skipped)}
     cells = [(m, e, r) for m in cfg.models for e in cfg.engines for r in cfg.resolutions]
@@ -289,6 +292,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true", help="synthetic frames instead of CamVid val")
     p.add_argument("--data", help="CamVid root (default: the usual lookup)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's adaptive malloc thresholds alone (default: fixed, as realtime.run runs)")
     p.add_argument("--suite", action="store_true", help="the standard matrix (both models x engines x 3 sizes)")
     p.add_argument("--json", help="write JSON here, with .md and .png next to it "
                                   "(--suite default: benchmarks/results/latency_<device>.json)")
@@ -326,7 +331,8 @@ def config_from_args(a: argparse.Namespace, argv: Sequence[str]) -> LatencyConfi
     return LatencyConfig(models=models, engines=engines, resolutions=res, defenses=defenses, device=a.device,
                          precision=a.precision, batch=a.batch, frames=a.frames, warmup=a.warmup, pool=a.pool,
                          kernel=a.kernel, temporal=not a.no_temporal, screen=not a.no_screen, streams=a.streams,
-                         synthetic=a.synthetic, data=a.data, threads=a.threads, progress=not a.quiet,
+                         synthetic=a.synthetic, data=a.data, threads=a.threads, steady_heap=not a.default_malloc,
+                         progress=not a.quiet,
                          command="python -m benchmarks.latency " + " ".join(shlex.quote(v) for v in argv),
                          skipped=skipped)
 

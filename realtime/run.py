@@ -128,6 +128,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--audit", action="store_true",
                    help="measurement: also analyse the unmasked frame when propagation masked it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's adaptive malloc thresholds alone (default: fixed, so the frame loop does not "
+                        "page-fault its activations in again every frame)")
     p.add_argument("--quiet", action="store_true", help="no progress bar / FPS line")
     args = p.parse_args(argv)
     specs = args.source or ["demo"]

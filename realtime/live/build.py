@@ -60,6 +60,7 @@ class RunConfig:
     kernels: str = "auto"                     # Z-Mask heatmaps: auto | fused | reference
     device: str = "auto"
     threads: Optional[int] = None
+    default_malloc: bool = False              # keep glibc's adaptive thresholds (default: realtime.core.memory)
     data: Optional[str] = None
     output: Optional[str] = None
     events: Optional[str] = None

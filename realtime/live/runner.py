@@ -24,6 +24,7 @@ from realtime.core import signals
 from realtime.core.cli import parse_hw
 from realtime.core.devices import describe, pick_device
 from realtime.core.errors import UsageError, one_line
+from realtime.core.memory import steady_heap
 
 from .build import REPO, RunConfig, build, calibration_path, check_imgsz, weights_arg
 from .paths import check_outputs, input_paths
@@ -221,6 +222,7 @@ def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions
     check_config(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    steady_heap(not cfg.default_malloc)
     try:
         ev_n, ev_r = VotingConfig.parse_evidence(cfg.evidence)
         voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
