@@ -4,11 +4,12 @@ The plain-torch heatmaps spend ~25 ms per 360x480 frame on the 2-core CPU in ~13
 (resize, z-score, prefix sums, slices, |.|, means: each a pass over a 64-128-channel map), against a
 ~2 MB read of the taps. The C kernel keeps one channel at a time in cache: resize + z-score into a
 summed-area table, then four table reads per pixel and kernel, |.| summed over channels; threads
-split the channels. Only the per-term means come back to torch, where ``ZMask`` builds the cascades,
-so everything after the terms is the reference's own code.
+split the channels. The per-term means come back as tensors (``terms``: a growing calibration and the
+self-check use them with the reference's own cascade code); ``CpuZMask.detect`` also runs the cascades and
+the 8-scalar fusion block in a second C function (``zm_cpu_tail``) instead of ~60 tiny tensor ops.
 
 The library is compiled on first use with the system C compiler (``$CC``, else cc / gcc / clang;
-``-O3 -march=native -fopenmp``, retried without ``-march``, then without OpenMP, when that fails) into a
+``-O3 -fno-trapping-math -march=native -fopenmp``, retried without ``-march``, then without OpenMP, when that fails) into a
 per-user cache keyed by the source, flags, compiler and CPU, so a fresh machine pays one ~1 s compile.
 ``cpu_available()`` says why it cannot run (no compiler, compile error) instead of raising; callers then
 stay on the reference.
