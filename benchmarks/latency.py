@@ -30,6 +30,7 @@ from benchmarks.latency_report import device_slug, environment, write_all
 from benchmarks.timing import Entry, measure, overhead, rss_peak_scope, summarize_samples
 from kernels.backend import heatmap_backend
 from realtime.core.cli import USER_ERRORS, parse_hw, report_error
+from realtime.defenses.cue import cue_layers
 from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense, list_defenses
 from realtime.core.devices import pick_device
 from realtime.core.memory import steady_heap
@@ -123,13 +124,14 @@ def make_defense(name: str, ctx: DefenseContext, **opts: Any) -> Any:
 
 # ---------------------------------------------------------------- one cell of the matrix
 def build_defenses(names: Sequence[str], ctx: DefenseContext, kernel: Optional[str],
-                   notes: List[str]) -> Dict[str, Any]:
-    """``none`` plus each requested defense that builds here; the others are noted and left out."""
+                   notes: List[str], contexts: Optional[Dict[str, DefenseContext]] = None) -> Dict[str, Any]:
+    """``none`` plus each requested defense that builds here; the others are noted and left out.
+    ``contexts`` gives a defense its own context (``zmask_cue``: an engine that also exports the cue's layers)."""
     out: Dict[str, Any] = {}
     for name in ["none", *[n for n in names if n != "none"]]:
         opts = {"heatmap_backend": heatmap_backend(kernel)} if (name in ZMASK_VARIANTS and kernel) else {}
         try:
-            out[name] = make_defense(name, ctx, **opts)
+            out[name] = make_defense(name, (contexts or {}).get(name, ctx), **opts)
         except TypeError as exc:
             if name in ZMASK_VARIANTS and kernel:
                 raise RuntimeError(f"--kernel {kernel}: this ZMask has no heatmap_backend option ({exc})") from None
@@ -149,7 +151,14 @@ def run_config(cfg: LatencyConfig, model_name: str, engine_kind: str, hw: Tuple[
     layers = zmask_layers(model, model_name) if engine_kind != "torch" or cfg.precision != "fp32" else ()
     engine = make_engine(engine_kind, model, model_name, layers, device, cfg.precision, hw, cfg.batch, cfg.threads)
     ctx = DefenseContext(model, model_name, engine=engine, device=device, data=cfg.data)
-    defenses = build_defenses(cfg.defenses, ctx, cfg.kernel, notes)
+    contexts: Dict[str, DefenseContext] = {}
+    extra = tuple(n for n in cue_layers(model_name) if n not in layers)
+    if "zmask_cue" in cfg.defenses and engine is not None and extra:
+        # its own engine with the cue's layers exported too, so the other entries' graphs stay as they are
+        cue_engine = make_engine(engine_kind, model, model_name, (*layers, *extra), device, cfg.precision, hw,
+                                 cfg.batch, cfg.threads)
+        contexts["zmask_cue"] = DefenseContext(model, model_name, engine=cue_engine, device=device, data=cfg.data)
+    defenses = build_defenses(cfg.defenses, ctx, cfg.kernel, notes, contexts)
     n_candidates = cfg.pool * 3 if (cfg.screen and "zmask" in defenses) else cfg.pool
     fs = build_frames(model_name, n_candidates, hw, cfg.data, cfg.synthetic)
     if cfg.screen and "zmask" in defenses:

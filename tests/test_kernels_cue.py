@@ -111,3 +111,29 @@ def test_live_zmask_cue_gets_the_kernels_option():
     with torch.inference_mode():
         rt.step.defense(_frames()[:1])
     assert zm.heatmaps_in_use() == ("cpu kernel" if C.cpu_available()[0] else "reference")
+
+
+def test_zmask_cue_reads_an_engine_that_exports_its_layers(model, tmp_path):
+    """An onnxruntime engine exporting Z-Mask's and the cue's layers runs zmask_cue's first pass (no module hooks),
+    with the same flags and scores as the hooked module; an engine without the cue's layers falls back to hooks."""
+    pytest.importorskip("onnxruntime")
+    from engines import EngineConfig, build_engine
+    from realtime.defenses.artifact import load_calibration
+    from realtime.defenses.cue import cue_layers
+    cal = load_calibration(CAL, model)
+    layers = (*cal.config.layers, *cue_layers("ddrnet23_slim"))
+    assert cue_layers("ddrnet23_slim") == ("conv1", "layer1")
+    eng = build_engine(model, layers, EngineConfig(backend="onnxruntime", input_shape=(360, 480),
+                                                   cache_dir=str(tmp_path), threads=1))
+    hooked = build_defense("zmask_cue", DefenseContext(model, "ddrnet23_slim", calibration=CAL))
+    on_engine = build_defense("zmask_cue", DefenseContext(model, "ddrnet23_slim", engine=eng, calibration=CAL))
+    assert on_engine.zm.taps is eng and hooked.zm.taps is not eng
+    x = _frames()
+    with torch.inference_mode():
+        a, b = hooked(x), on_engine(x)
+    assert torch.equal(a.flagged, b.flagged) and a.flagged.tolist() == [False, True]
+    torch.testing.assert_close(b.score, a.score, rtol=1e-3, atol=1e-5)
+    short = build_engine(model, cal.config.layers, EngineConfig(backend="onnxruntime", input_shape=(360, 480),
+                                                                cache_dir=str(tmp_path), threads=1))
+    assert build_defense("zmask_cue", DefenseContext(model, "ddrnet23_slim", engine=short,
+                                                     calibration=CAL)).zm.taps is not short

@@ -193,15 +193,29 @@ def cue_path(model_name: str) -> Path:
     return REPO / "calibration" / "shipped" / f"{model_slug(model_name)}_cue.safetensors"
 
 
+def cue_layers(model_name: str, cue: Optional[str] = None) -> Tuple[str, ...]:
+    """The layers a model's cue reads (what an engine must also export for ``zmask_cue``); () without a cue file."""
+    path = Path(cue) if cue else cue_path(model_name)
+    if not path.is_file():
+        return ()
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(json.loads((f.metadata() or {}).get("outlier-cue", "{}")).get("layers", ()))
+
+
 @register_defense("zmask_cue")
 def _build_zmask_cue(ctx: DefenseContext, cue: Optional[str] = None, threshold: Optional[float] = None,
                      heatmap_backend: Union[str, HeatmapBackend] = "reference", refine: Any = None) -> CuedZMaskDefense:
     """Z-Mask from its calibration plus the outlier cue (default calibration/shipped/<model>_cue); ``threshold``
     overrides lambda0 (the cue's own threshold is unchanged: it is scaled into lambda0's units); ``refine`` as
-    for ``zmask``. The module is hooked (an engine's taps hold Z-Mask's layers only, not the cue's)."""
+    for ``zmask``. An engine that exports Z-Mask's and the cue's layers (``cue_layers`` says which to ask for) runs
+    the first pass; otherwise the module itself is hooked."""
     cal = context_calibration(ctx)
     oc = load_cue(cue or cue_path(ctx.model_name), ctx.model)
-    zm = CuedZMask.build(cal, ctx.model, oc, heatmap_backend)
+    exported = getattr(ctx.engine, "layers", None) or ()
+    if ctx.engine is not None and all(n in exported for n in (*cal.config.layers, *oc.layers)):
+        zm = CuedZMask(cal.build_zmask(ctx.model, check=False, taps=ctx.engine), oc, heatmap_backend)
+    else:
+        zm = CuedZMask.build(cal, ctx.model, oc, heatmap_backend)
     if threshold is not None:
         zm.cfg = dataclasses.replace(zm.cfg, lambda0=float(threshold))
     return CuedZMaskDefense(zm.eval(), parse_refine(refine))

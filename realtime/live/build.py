@@ -22,6 +22,7 @@ from engines import EngineConfig, EngineError, build_engine, engine_class
 from kernels.backend import heatmap_backend
 from realtime.core.errors import UsageError, one_line
 from realtime.defenses.artifact import Calibration, load_calibration
+from realtime.defenses.cue import cue_layers
 from realtime.defenses.registry import ZMASK_VARIANTS, DefenseContext, build_defense
 from realtime.models import build_model, model_slug
 from realtime.models.registry import model_task
@@ -167,6 +168,8 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
         check_imgsz(cal_size, f"the input size of --calibration {calibration_path(cfg)}")
     imgsz = tuple(pipeline.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
+    if cfg.defense == "zmask_cue":          # the engine exports the cue's layers too, so the cue reads its taps
+        layers = tuple(dict.fromkeys((*layers, *cue_layers(cfg.model))))
     if task == "detection":
         engine, engine_desc = None, detector_description(cfg, model, layers, device, imgsz)
         task_desc: Dict[str, Any] = {"task": task, "class_names": list(getattr(model, "class_names", ()))}
