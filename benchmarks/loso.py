@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SEQUENCES = ("0001TP", "0006R0", "0016E5")
 RECIPES: Dict[str, Tuple[str, ...]] = {"base": (), "capture": ("--blur", "0.3", "--noise", "0.03", "--jpeg", "0.3")}
@@ -63,14 +63,33 @@ def jobs(cfg: LosoConfig) -> List[Job]:
     return [Job(m, r, s, cfg.out / m / r / s) for m in cfg.models for r in cfg.recipes for s in cfg.sequences]
 
 
+def train_argv(cfg: LosoConfig, job: Job) -> List[str]:
+    """What ``realtime.train`` gets for this fold (after ``python -m realtime.train``)."""
+    data = ["--data", cfg.data] if cfg.data else []
+    return ["--model", job.model, "--hold-out", job.seq, "--out", str(job.dir), "--epochs", str(cfg.epochs),
+            "--eval-every", str(cfg.eval_every), *data, *RECIPES[job.recipe], *cfg.train_args]
+
+
+def check_settings(cfg: LosoConfig, job: Job) -> None:
+    """A fold directory belongs to one set of training settings (``settings.json``): resuming it with others would
+    mix recipes or schedules in one table (``realtime.train`` resumes ``last.pt`` with its own epoch count)."""
+    want = {"train": train_argv(cfg, job), "eval_size": cfg.eval_size}
+    path = job.dir / "settings.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise ValueError(f"{job.dir} was started with other settings ({have}); use another --out or remove it")
+    else:
+        job.dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=1) + "\n")
+
+
 def commands(cfg: LosoConfig, job: Job) -> List[List[str]]:
     """The train call (unless it finished) and the held-out evaluation, as argv lists."""
     data = ["--data", cfg.data] if cfg.data else []
     cmds: List[List[str]] = []
     if not (job.dir / "done.json").is_file():
-        cmds.append([cfg.python, "-m", "realtime.train", "--model", job.model, "--hold-out", job.seq, "--out",
-                     str(job.dir), "--epochs", str(cfg.epochs), "--eval-every", str(cfg.eval_every), *data,
-                     *RECIPES[job.recipe], *cfg.train_args])
+        cmds.append([cfg.python, "-m", "realtime.train", *train_argv(cfg, job)])
     size = ["--size", cfg.eval_size] if cfg.eval_size else []
     cmds.append([cfg.python, "-m", "benchmarks.accuracy", "--model", job.model, "--weights", str(job.dir / "best.pt"),
                  "--split", "train,val", "--sequence", job.seq, *size, *data, "--json", str(job.dir / "acc.json")])
@@ -86,9 +105,30 @@ def _env(cfg: LosoConfig) -> Dict[str, str]:
 
 def run_all(cfg: LosoConfig) -> Dict[str, object]:
     """Run every job not yet scored, ``parallel`` at a time; returns the table document."""
+    for job in jobs(cfg):
+        check_settings(cfg, job)             # before anything starts: a mismatch stops the whole run
     todo = [j for j in jobs(cfg) if not (j.dir / "acc.json").is_file()]
-    running: List[Tuple[Job, List[List[str]], subprocess.Popen, object]] = []
+    running: List[Tuple[Job, List[List[str]], subprocess.Popen, Any]] = []
     failed: Dict[str, str] = {}
+    try:
+        _drive(cfg, todo, running, failed)
+    finally:                                 # an error or a signal: no orphan keeps writing a fold's checkpoints
+        for _job, _rest, proc, log in running:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            log.close()
+    doc = table(cfg.out)
+    doc["failed"] = failed
+    return doc
+
+
+def _drive(cfg: LosoConfig, todo: List[Job], running: List[Tuple[Job, List[List[str]], subprocess.Popen, Any]],
+           failed: Dict[str, str]) -> None:
+    """Start jobs ``parallel`` at a time and chain each one's train -> accuracy calls until all are done."""
     env = _env(cfg)
     while todo or running:
         while todo and len(running) < cfg.parallel:
@@ -118,9 +158,6 @@ def run_all(cfg: LosoConfig) -> Dict[str, object]:
             else:
                 log.close()
                 print(f"[loso] done {job.name}", file=sys.stderr, flush=True)
-    doc = table(cfg.out)
-    doc["failed"] = failed
-    return doc
 
 
 def table(out: Path) -> Dict[str, object]:
@@ -194,7 +231,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      eval_every=a.eval_every, out=Path(a.out), data=a.data, parallel=a.parallel, threads=a.threads,
                      train_args=(*(CPU_ARGS if a.cpu else ()), *a.train_arg), eval_size=a.eval_size,
                      results=Path(a.results) if a.results else None)
-    doc = run_all(cfg)
+    try:
+        doc = run_all(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     write(doc, cfg.out, cfg.results, a.note)
     print(markdown(doc, a.note))
     return 1 if doc["failed"] else 0

@@ -137,3 +137,22 @@ def test_zmask_cue_reads_an_engine_that_exports_its_layers(model, tmp_path):
                                                                 cache_dir=str(tmp_path), threads=1))
     assert build_defense("zmask_cue", DefenseContext(model, "ddrnet23_slim", engine=short,
                                                      calibration=CAL)).zm.taps is not short
+
+
+def test_live_zmask_cue_on_onnxruntime_runs_its_first_pass_in_the_engine(monkeypatch, tmp_path):
+    """``realtime.run --engine onnxruntime --defense zmask_cue``: the engine exports Z-Mask's and the cue's layers
+    and the defense reads them (it used to hook the torch module and run the backbone there)."""
+    pytest.importorskip("onnxruntime")
+    from realtime import run as cli
+    from realtime.live.build import build
+    from realtime.live.pipeline import PipelineConfig
+    from realtime.live.voting import VotingConfig
+    monkeypatch.setenv("REALTIME_ENGINE_CACHE", str(tmp_path))
+    args = cli.parse_args(["--source", "demo", "--defense", "zmask_cue", "--engine", "onnxruntime", "--output", "none"])
+    rt = build(cli.config_from_args(args), torch.device("cpu"), PipelineConfig(imgsz=None, voting=VotingConfig.parse("3/5")))
+    zm = rt.step.defense.zm
+    assert set(rt.description["engine"]["layers"]) == {"layer2", "layer3", "layer4_", "conv1", "layer1"}
+    assert type(zm.taps).__name__ != "ActivationTaps" and zm.taps.layers == tuple(rt.description["engine"]["layers"])
+    with torch.inference_mode():
+        res = rt.step.defense(_frames())
+    assert res.flagged.tolist() == [False, True]

@@ -77,3 +77,17 @@ def test_run_all_builds_the_table_records_a_failure_and_resumes(tmp_path: Path, 
 def test_cli_rejects_bad_numbers(capsys: pytest.CaptureFixture) -> None:
     assert loso.main(["--parallel", "0"]) == 2
     assert "--parallel" in capsys.readouterr().err
+
+
+def test_a_fold_started_with_other_settings_is_refused_not_mixed(tmp_path: Path, fake_python: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    cfg = loso.LosoConfig(models=("m",), recipes=("base",), sequences=("0001TP",), epochs=5, out=tmp_path / "r",
+                          python=str(fake_python))
+    loso.run_all(cfg)
+    longer = loso.LosoConfig(models=("m",), recipes=("base",), sequences=("0001TP",), epochs=50, out=tmp_path / "r",
+                             python=str(fake_python))
+    with pytest.raises(ValueError, match="other settings"):
+        loso.run_all(longer)
+    assert loso.main(["--model", "m", "--recipe", "base", "--sequence", "0001TP", "--epochs", "50",
+                      "--out", str(tmp_path / "r")]) == 2
+    assert "other settings" in capsys.readouterr().err

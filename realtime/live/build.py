@@ -157,6 +157,14 @@ def detector_description(cfg: RunConfig, model: torch.nn.Module, layers: Tuple[s
             "input_shape": list(imgsz), "model": cfg.model, "eager_module": True}
 
 
+def zmask_layers(cfg: RunConfig, model: torch.nn.Module) -> Tuple[str, ...]:
+    """The layers of the run's Z-Mask calibration, () when it cannot be read (the defense's build then says why)."""
+    try:
+        return tuple(load_calibration(calibration_path(cfg), model).config.layers)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError):
+        return ()
+
+
 def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Runtime:
     """The model, its calibration, the engine and the defense, assembled into the pipeline's step.
 
@@ -168,8 +176,8 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
         check_imgsz(cal_size, f"the input size of --calibration {calibration_path(cfg)}")
     imgsz = tuple(pipeline.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
-    if cfg.defense == "zmask_cue":          # the engine exports the cue's layers too, so the cue reads its taps
-        layers = tuple(dict.fromkeys((*layers, *cue_layers(cfg.model))))
+    if cfg.defense == "zmask_cue":          # the engine exports Z-Mask's and the cue's layers, so the cue reads its taps
+        layers = tuple(dict.fromkeys((*zmask_layers(cfg, model), *cue_layers(cfg.model))))
     if task == "detection":
         engine, engine_desc = None, detector_description(cfg, model, layers, device, imgsz)
         task_desc: Dict[str, Any] = {"task": task, "class_names": list(getattr(model, "class_names", ()))}

@@ -269,7 +269,8 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
         head = {"source": cfg.source, "kind": source_kind(cfg.source),
                 **({"source_info": source.info} if getattr(source, "info", None) else {}),   # demo: which frames
                 "model": cfg.model, **desc,
-                "imgsz": list(imgsz), "device": describe(device)}
+                "imgsz": list(imgsz), "device": describe(device),
+                "heap": steady_heap(not cfg.default_malloc)}      # idempotent: says what prepare() set
         out = Outputs(cfg, source, paths, cfg.defense != "none", live, total, desc.get("class_names"))
         out.dropped = lambda: info.dropped
         try:
