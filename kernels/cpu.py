@@ -269,6 +269,8 @@ class CpuZMask(CpuTerms):
         hr, wr = self.work
         steps = [terms[key] for key in self._steps]
         n, plane = int(steps[0].shape[0]), hr * wr
+        if any(int(t.shape[0]) != n for t in steps):
+            raise ValueError(f"taps of different batch sizes {sorted({int(t.shape[0]) for t in steps})}")
         ptr = (ctypes.c_void_p * len(steps))(*(t.data_ptr() for t in steps))
         stride = (ctypes.c_long * len(steps))(*(t.stride(0) for t in steps))
         w = self._fusion_weights(fusion)
