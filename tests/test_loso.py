@@ -62,7 +62,7 @@ def test_run_all_builds_the_table_records_a_failure_and_resumes(tmp_path: Path, 
     assert rows["base"] == {"0001TP": 0.5, "0006R0": 0.6} and rows["capture"]["0006R0"] == pytest.approx(0.61)
     assert set(doc["failed"]) == {"m/base/0016E5", "m/capture/0016E5"}
     md = loso.markdown(doc)
-    assert "| `m` | base | 0.500 | 0.600 | - | - |" in md and "failed: m/base/0016E5" in md
+    assert "| `m` | base | 0.500 | 0.600 | - | - | - |" in md and "failed: m/base/0016E5" in md
     # second start: the scored folds are skipped, the failed ones run again and complete the means
     monkeypatch.delenv("FAIL_SEQ")
     (tmp_path / "calls.log").write_text("")
