@@ -70,7 +70,7 @@ def run_multi(cfg: RunConfig, specs: Sequence[str], scfg: StreamsConfig = Stream
     """A whole multi-stream run (see the module doc); problems before the first frame raise UsageError."""
     if cfg.show:
         raise UsageError("--show shows one stream; drop it for a multi-stream run (each stream has its video)")
-    device, pcfg, opts = prepare(cfg)
+    device, pcfg, opts, heap = prepare(cfg)
     seen = signals.mark()
     sources: List[Any] = []
     outs: List[Outputs] = []
@@ -88,7 +88,7 @@ def run_multi(cfg: RunConfig, specs: Sequence[str], scfg: StreamsConfig = Stream
         pcfg = dataclasses.replace(pcfg, imgsz=rt.imgsz)
         desc = rt.description
         head = {"sources": list(specs), "streams_count": len(specs), "model": cfg.model, **desc,
-                "imgsz": list(rt.imgsz), "device": describe(device)}
+                "imgsz": list(rt.imgsz), "device": describe(device), "heap": heap}
         for i, (spec, src) in enumerate(zip(specs, sources)):
             total = min(x for x in (src.length, cfg.max_frames) if x is not None) \
                 if (src.length or cfg.max_frames) else None

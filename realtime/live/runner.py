@@ -216,13 +216,13 @@ def output_paths(cfg: RunConfig, source_name: str) -> Dict[str, Optional[Path]]:
     return paths_for(cfg, source_name, REPO)
 
 
-def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions]:
-    """What one- and multi-stream runs set up alike: checks, threads, voting, device, the pipeline's
-    config and the sources' options; a problem is a UsageError."""
+def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions, str]:
+    """What one- and multi-stream runs set up alike: checks, threads, heap policy, voting, device, the pipeline's
+    config and the sources' options (and what the heap policy did, for the summary); a problem is a UsageError."""
     check_config(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    steady_heap(not cfg.default_malloc)
+    heap = steady_heap(not cfg.default_malloc)
     try:
         ev_n, ev_r = VotingConfig.parse_evidence(cfg.evidence)
         voting = VotingConfig.parse(cfg.vote, clear=cfg.clear, propagate=not cfg.no_propagate,
@@ -235,7 +235,7 @@ def prepare(cfg: RunConfig) -> Tuple[torch.device, PipelineConfig, SourceOptions
                           realtime=cfg.realtime, audit=cfg.audit, imgsz=parse_imgsz(cfg.imgsz))
     opts = SourceOptions(data=cfg.data, image_fps=cfg.fps, timeout=cfg.timeout, model=cfg.model, patch=cfg.patch,
                          reconnect=cfg.reconnect, patch_start=cfg.patch_start, patch_frames=cfg.patch_frames)
-    return device, pcfg, opts
+    return device, pcfg, opts, heap
 
 
 def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
@@ -251,7 +251,7 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
         return run_multi(cfg, specs)
     if specs[0] != cfg.source or cfg.sources:
         cfg = dataclasses.replace(cfg, source=specs[0], sources=())
-    device, pcfg, opts = prepare(cfg)
+    device, pcfg, opts, heap = prepare(cfg)
     seen = signals.mark()
     source = open_source(cfg.source, opts)
     info = RunInfo()
@@ -270,7 +270,7 @@ def run(cfg: RunConfig) -> Tuple[int, Dict[str, Any]]:
                 **({"source_info": source.info} if getattr(source, "info", None) else {}),   # demo: which frames
                 "model": cfg.model, **desc,
                 "imgsz": list(imgsz), "device": describe(device),
-                "heap": steady_heap(not cfg.default_malloc)}      # idempotent: says what prepare() set
+                "heap": heap}
         out = Outputs(cfg, source, paths, cfg.defense != "none", live, total, desc.get("class_names"))
         out.dropped = lambda: info.dropped
         try:
