@@ -196,13 +196,9 @@ def cue_path(model_name: str) -> Path:
 def cue_layers(model_name: str, cue: Optional[str] = None) -> Tuple[str, ...]:
     """The layers a model's cue reads (what an engine must also export for ``zmask_cue``); () without a readable
     cue file (``load_cue`` then reports what is wrong with it)."""
-    path = Path(cue) if cue else cue_path(model_name)
-    if not path.is_file():
-        return ()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return tuple(str(n) for n in json.loads((f.metadata() or {}).get("outlier-cue", "{}")).get("layers", ()))
-    except Exception:      # noqa: BLE001 - safetensors' own errors, JSON: the defense's build reports them
+        return load_cue(cue or cue_path(model_name)).layers
+    except (FileNotFoundError, ValueError):
         return ()
 
 

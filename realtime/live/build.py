@@ -157,12 +157,12 @@ def detector_description(cfg: RunConfig, model: torch.nn.Module, layers: Tuple[s
             "input_shape": list(imgsz), "model": cfg.model, "eager_module": True}
 
 
-def zmask_layers(cfg: RunConfig, model: torch.nn.Module) -> Tuple[str, ...]:
-    """The layers of the run's Z-Mask calibration, () when it cannot be read (the defense's build then says why)."""
+def readable_calibration(cfg: RunConfig, model: torch.nn.Module) -> Optional[Calibration]:
+    """The run's Z-Mask calibration, None when it cannot be read (the defense's build then says why)."""
     try:
-        return tuple(load_calibration(calibration_path(cfg), model).config.layers)
+        return load_calibration(calibration_path(cfg), model)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError):
-        return ()
+        return None
 
 
 def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Runtime:
@@ -176,8 +176,9 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
         check_imgsz(cal_size, f"the input size of --calibration {calibration_path(cfg)}")
     imgsz = tuple(pipeline.imgsz or cal_size or DEFAULT_IMGSZ)
     layers = tuple(cal.config.layers) if cal is not None else ()
-    if cfg.defense == "zmask_cue":          # the engine exports Z-Mask's and the cue's layers, so the cue reads its taps
-        layers = tuple(dict.fromkeys((*zmask_layers(cfg, model), *cue_layers(cfg.model))))
+    cue_cal = readable_calibration(cfg, model) if cfg.defense == "zmask_cue" else None
+    if cue_cal is not None:                 # the engine exports Z-Mask's and the cue's layers, so the cue reads its taps
+        layers = tuple(dict.fromkeys((*cue_cal.config.layers, *cue_layers(cfg.model))))
     if task == "detection":
         engine, engine_desc = None, detector_description(cfg, model, layers, device, imgsz)
         task_desc: Dict[str, Any] = {"task": task, "class_names": list(getattr(model, "class_names", ()))}
@@ -185,7 +186,7 @@ def build(cfg: RunConfig, device: torch.device, pipeline: PipelineConfig) -> Run
         engine = make_engine(cfg, model, layers, device, imgsz)
         engine_desc, task_desc = engine.describe(), {}
     ctx = DefenseContext(model, cfg.model, device=device, engine=engine, data=cfg.data,
-                         calibration=calibration_path(cfg), loaded_calibration=cal)
+                         calibration=calibration_path(cfg), loaded_calibration=cal or cue_cal)
     options: Dict[str, Any] = {}
     if cfg.defense in ZMASK_VARIANTS:
         try:
