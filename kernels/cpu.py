@@ -251,15 +251,6 @@ class CpuZMask(CpuTerms):
         self._steps = [key for _, keys in self.cascades for key in keys]
         self._lens = (ctypes.c_int * len(self.cascades))(*(len(keys) for _, keys in self.cascades))
         self._roles = (ctypes.c_int * len(self.cascades))(*(role for role, _ in self.cascades))
-        self._weights: Tuple[object, torch.Tensor] = ((), torch.empty(0))
-
-    def _fusion_weights(self, fusion: torch.nn.Module) -> torch.Tensor:
-        """The block's 8 scalars as float32, re-read only when a parameter changed (version counters)."""
-        params = [getattr(fusion, name) for name in PARAM_NAMES]
-        key = (id(fusion), *(p._version for p in params), *(p.data_ptr() for p in params))
-        if self._weights[0] != key:
-            self._weights = (key, torch.tensor([float(p.detach()) for p in params], dtype=torch.float32))
-        return self._weights[1]
 
     def detect(self, taps: Dict[str, torch.Tensor], fusion: torch.nn.Module
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +264,7 @@ class CpuZMask(CpuTerms):
             raise ValueError(f"taps of different batch sizes {sorted({int(t.shape[0]) for t in steps})}")
         ptr = (ctypes.c_void_p * len(steps))(*(t.data_ptr() for t in steps))
         stride = (ctypes.c_long * len(steps))(*(t.stride(0) for t in steps))
-        w = self._fusion_weights(fusion)
+        w = torch.stack([getattr(fusion, name).detach() for name in PARAM_NAMES]).to(torch.float32)
         out = torch.empty(3 * n * plane + n + plane, dtype=torch.float32)      # h_s, h_d, soft, score, scratch
         maps = out[:3 * n * plane].view(3, n, 1, hr, wr)
         base = out.data_ptr()

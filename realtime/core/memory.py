@@ -7,8 +7,10 @@ history. Measured on the 2-core EPYC VM (DDRNet-23-slim, 360x480, minor page fau
 bare forward ran with 0 or ~3,500 faults per frame depending on the process start, a forward that keeps
 Z-Mask's three tapped maps until the heatmaps are done with 130 to ~3,800, and in a probe timing both side by
 side the tapped forward was 2.3-2.8 ms slower than the bare one (the committed CPU latency run's "backbone
-with taps +0.7 ms"). With fixed thresholds (mmap 64 MiB, trim 1 GiB; 32 MiB is used since, the most glibc < 2.35 accepts) both fell to ~0 faults per frame and
-the tapped forward timed the same as the bare one (medians equal to 0.01 ms, two runs).
+with taps +0.7 ms"). With fixed thresholds (mmap 64 MiB, trim 1 GiB) both fell to ~0 faults per frame
+and the tapped forward timed the same as the bare one (medians equal to 0.01 ms, two runs). The code uses a
+32 MiB mmap threshold, the most glibc < 2.35 accepts; a fresh-process frame loop with it is tested
+(tests/test_memory.py).
 
 ``steady_heap()`` sets those two thresholds once (``mallopt``). It is a process-wide setting, so only the
 entry points call it (``realtime.run`` and the latency benchmark, through their configs). Elsewhere than
