@@ -152,8 +152,8 @@ def run_config(cfg: LatencyConfig, model_name: str, engine_kind: str, hw: Tuple[
     engine = make_engine(engine_kind, model, model_name, layers, device, cfg.precision, hw, cfg.batch, cfg.threads)
     ctx = DefenseContext(model, model_name, engine=engine, device=device, data=cfg.data)
     contexts: Dict[str, DefenseContext] = {}
-    extra = tuple(n for n in cue_layers(model_name) if n not in layers)
-    if "zmask_cue" in cfg.defenses and engine is not None and extra:
+    extra = tuple(n for n in cue_layers(model_name) if n not in layers) if "zmask_cue" in cfg.defenses else ()
+    if engine is not None and extra:
         # its own engine with the cue's layers exported too, so the other entries' graphs stay as they are
         cue_engine = make_engine(engine_kind, model, model_name, (*layers, *extra), device, cfg.precision, hw,
                                  cfg.batch, cfg.threads)
